@@ -1,0 +1,56 @@
+"""memcore: find and prune the memorized neurons of text-to-image diffusion models.
+
+    import memcore
+    pipe = memcore.load_pipeline("sd15")
+    mask, stats = memcore.localize(pipe, memcore.load_prompts("memorized.txt"))
+    memcore.prune(pipe, mask)
+
+Importing memcore is cheap: diffusers, transformers and triton load only when first needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from memcore._version import __version__
+from memcore.errors import MemcoreError
+
+_LAZY = {
+    "LocalizeConfig": "memcore.config",
+    "Generation": "memcore.config",
+    "Statistics": "memcore.stats",
+    "collect_stats": "memcore.stats",
+    "Mask": "memcore.mask",
+    "compute_mask": "memcore.mask",
+    "load_mask": "memcore.mask",
+    "save_mask": "memcore.mask",
+    "prune": "memcore.prune",
+    "localize": "memcore.localize",
+    "load_prompts": "memcore.prompts",
+    "load_pipeline": "memcore.models",
+    "find_targets": "memcore.targets",
+    "ops": "memcore.ops",
+}
+
+__all__ = ["MemcoreError", "__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from memcore import ops
+    from memcore.config import Generation, LocalizeConfig
+    from memcore.localize import localize
+    from memcore.mask import Mask, compute_mask, load_mask, save_mask
+    from memcore.models import load_pipeline
+    from memcore.prompts import load_prompts
+    from memcore.prune import prune
+    from memcore.stats import Statistics, collect_stats
+    from memcore.targets import find_targets
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'memcore' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if name == "ops" else getattr(module, name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,276 @@
+"""``memcore``: the command line. It parses arguments into a config and calls the library.
+
+Exit codes: 0 success, 2 a user error (one line on stderr, no traceback, no output file left).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import time
+
+from memcore._version import __version__
+from memcore.errors import MemcoreError
+
+MODEL_HELP = (
+    "'tiny' (embedded random-weight SD 1.5 architecture), an alias (sd14, sd15, sd2-base, sd21-base, sd2, sd21), "
+    "a hub id, or a local diffusers folder; the local cache is used first, the hub only when "
+    "HF_HUB_OFFLINE is unset"
+)
+
+
+def _add_model_args(p: argparse.ArgumentParser, device_help: str, dtype_help: str) -> None:
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--device", help=device_help)
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=dtype_help)
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+
+
+def _add_mask_args(p: argparse.ArgumentParser, out_default: str | None) -> None:
+    p.add_argument("--sparsity", type=float, default=0.01, help="s in (0, 1]: k = floor(s * in) per row (default 0.01)")
+    p.add_argument("--per-step", action="store_true", help="also store the mask of every call index, for analysis")
+    p.add_argument("--out", default=out_default, help=f"mask file to write (default {out_default})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="memcore", description="Find and prune the memorized neurons of text-to-image diffusion models."
+    )
+    parser.add_argument("--version", action="version", version=f"memcore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "localize",
+        help="collect statistics for memorized prompts and write the mask of memorized neurons",
+        description="Run the first --timesteps denoiser calls for each prompt and for the empty prompt, "
+        "score every weight of every feed-forward output Linear (Wanda) and write the mask.",
+    )
+    _add_model_args(p, "torch device (default: cuda if available, else cpu)", "default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--prompts", required=True, help="memorized prompts: .txt (one per line), .jsonl or .csv")
+    _add_mask_args(p, "mask.safetensors")
+    p.add_argument("--stats-out", help="also write the statistics (for 'memcore mask')")
+    p.add_argument("--timesteps", type=int, default=10, help="tau: denoiser calls to collect and score (default 10)")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per generation (default 4)")
+    p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's, 50 for SD)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's, 7.5 for SD)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial latent shared by all prompts (default 0)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--rows", choices=["both", "cond"], default="both", help="guidance-batch rows to count (default both)")
+    p.add_argument("--no-token-norm", action="store_true", help="do not L2-normalize token rows before squaring")
+
+    p = sub.add_parser(
+        "mask",
+        help="recompute a mask from a statistics file (other sparsity or tau) without running the model",
+        description="Score the model's weights against saved statistics and write a mask.",
+    )
+    _add_model_args(p, "torch device (default: cuda if available, else cpu)", "default: the dtype the statistics were collected in")
+    p.add_argument("--stats", required=True, help="statistics file written by 'memcore localize --stats-out'")
+    _add_mask_args(p, "mask.safetensors")
+    p.add_argument("--timesteps", type=int, help="tau: use the first tau call indices (default: all in the file)")
+    p.add_argument("--force", action="store_true", help="accept statistics collected from other weights of the same shapes")
+
+    p = sub.add_parser(
+        "prune",
+        help="zero the masked weights and save the whole pipeline",
+        description="Load the model, zero the weights in the mask, and save the pipeline (safetensors) to a new folder.",
+    )
+    _add_model_args(p, "torch device (default: cpu)", "default: the dtype the mask was computed in")
+    p.add_argument("--mask", required=True, help="mask file written by 'memcore localize' or 'memcore mask'")
+    p.add_argument("--out", required=True, help="new folder for the pruned pipeline")
+    p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
+
+    p = sub.add_parser("env", help="show versions, devices and which kernel backends loaded")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    return parser
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _mask_summary(mask, seconds: float) -> dict:
+    total = sum(math.prod(mask.shape(name)) for name in mask.layers)
+    masked = sum(mask.count(name) for name in mask.layers)
+    return {
+        "model": mask.metadata["model_id"],
+        "layers": len(mask.layers),
+        "masked_weights": masked,
+        "target_weights": total,
+        "density": masked / total,
+        "num_prompts": mask.metadata["num_prompts"],
+        "timesteps": mask.metadata["timesteps"],
+        "sparsity": mask.metadata["sparsity"],
+        "seconds": round(seconds, 3),
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+    }
+
+
+def _emit(args, summary: dict, line: str) -> None:
+    print(json.dumps(summary, indent=2) if args.json else line)
+
+
+def _describe(summary: dict, path: str) -> str:
+    return (
+        f"wrote {path}: {summary['masked_weights']:,} of {summary['target_weights']:,} weights "
+        f"({100 * summary['density']:.3f}%) in {summary['layers']} layers, from {summary['num_prompts']} prompts, "
+        f"tau {summary['timesteps']}, s {summary['sparsity']}, in {summary['seconds']:.1f} s"
+    )
+
+
+def cmd_localize(args) -> None:
+    from memcore.config import LocalizeConfig
+    from memcore.io import check_output_file
+    from memcore.prompts import load_prompts
+
+    started = time.perf_counter()
+    config = LocalizeConfig(
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        timesteps=args.timesteps,
+        sparsity=args.sparsity,
+        rows=args.rows,
+        token_norm=not args.no_token_norm,
+        batch_size=args.batch_size,
+        per_step=args.per_step,
+    )
+    out = check_output_file(args.out, "--out")
+    stats_out = check_output_file(args.stats_out, "--stats-out") if args.stats_out else None
+    prompts = load_prompts(args.prompts)
+
+    from memcore.localize import localize
+    from memcore.models import load_pipeline
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    mask, stats = localize(pipe, prompts, config)
+    if stats_out is not None:
+        stats.save(stats_out)
+    mask.save(out)
+    summary = {"mask": str(out), "stats": str(stats_out) if stats_out else None, **_mask_summary(mask, time.perf_counter() - started)}
+    _emit(args, summary, _describe(summary, str(out)))
+
+
+def cmd_mask(args) -> None:
+    from memcore.config import check_sparsity, check_timesteps
+    from memcore.io import check_output_file
+    from memcore.mask import compute_mask
+    from memcore.models import load_pipeline
+    from memcore.stats import Statistics
+
+    started = time.perf_counter()
+    check_sparsity(args.sparsity)
+    if args.timesteps is not None:
+        check_timesteps(args.timesteps)
+    out = check_output_file(args.out, "--out")
+    stats = Statistics.load(args.stats)
+    pipe = load_pipeline(args.model, args.device, args.dtype or stats.metadata["dtype"])
+    mask = compute_mask(pipe, stats, args.sparsity, args.timesteps, args.per_step, force=args.force)
+    mask.save(out)
+    summary = {"mask": str(out), **_mask_summary(mask, time.perf_counter() - started)}
+    _emit(args, summary, _describe(summary, str(out)))
+
+
+def cmd_prune(args) -> None:
+    from memcore.io import atomic_dir, check_output_dir
+    from memcore.mask import Mask
+    from memcore.models import load_pipeline
+    from memcore.prune import prune
+
+    started = time.perf_counter()
+    out = check_output_dir(args.out, "--out")
+    mask = Mask.load(args.mask)
+    pipe = load_pipeline(args.model, args.device or "cpu", args.dtype or mask.metadata["dtype"])
+    zeroed = prune(pipe, mask, force=args.force)
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    summary = {
+        "out": str(out),
+        "model": mask.metadata["model_id"],
+        "zeroed_weights": zeroed,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    _emit(args, summary, f"wrote {out}: {zeroed:,} weights zeroed in {len(mask.layers)} layers")
+
+
+def cmd_env(args) -> None:
+    import platform
+
+    import torch
+
+    from memcore.ops import BACKENDS, forced_backend
+    from memcore.ops._ext import extension, extension_error
+
+    ext = extension()
+    info = {
+        "memcore": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "extension": "loaded" if ext is not None else f"missing ({extension_error()})",
+        "backends": {
+            "reference": "available",
+            "cpu": f"available ({ext.openmp_threads()} OpenMP threads)" if ext is not None else "missing (no extension)",
+            "cuda": (
+                "compiled" + ("" if torch.cuda.is_available() else " (no GPU here)")
+                if ext is not None and ext.compiled_with_cuda()
+                else "not compiled"
+            ),
+            "triton": _triton_status(),
+        },
+        "forced_backend": forced_backend(),
+        "known_backends": list(BACKENDS),
+    }
+    for name in ("diffusers", "transformers", "safetensors"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            info[name] = None
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key}:")
+            for name, status in value.items():
+                print(f"  {name:10} {status}")
+        else:
+            print(f"{key:16} {value}")
+
+
+def _triton_status() -> str:
+    try:
+        import triton
+    except ImportError:
+        return "not installed"
+    return f"triton {triton.__version__} installed (no memcore Triton kernels yet)"
+
+
+COMMANDS = {"localize": cmd_localize, "mask": cmd_mask, "prune": cmd_prune, "env": cmd_env}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # No handler is configured: logging's last-resort handler prints warnings as bare lines on stderr.
+    # transformers warns at import about optional image backends that memcore never uses
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        COMMANDS[args.command](args)
+    except MemcoreError as exc:
+        print(f"memcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("memcore: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Settings of a localization run, and their resolution against a pipeline's own defaults."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import asdict, dataclass
+
+import torch
+
+from memcore.errors import MemcoreError
+
+ROWS = ("both", "cond")
+
+
+@dataclass(frozen=True)
+class LocalizeConfig:
+    """What ``memcore localize`` does. ``None`` means the pipeline's own default.
+
+    Attributes:
+        steps: inference steps (default: the pipeline's, 50 for Stable Diffusion).
+        guidance: classifier-free guidance scale (default: the pipeline's, 7.5).
+        seed: seed of the initial latent shared by every prompt.
+        height, width: image size in pixels (default: denoiser sample size x VAE scale factor).
+        timesteps: tau, the number of denoiser calls whose statistics are collected and scored.
+        sparsity: s, the fraction of each weight row kept per call index (k = floor(s * in)).
+        rows: ``both`` halves of the guidance batch or only ``cond``.
+        token_norm: L2-normalize each token row before squaring.
+        batch_size: prompts per generation.
+        per_step: also keep the per-call masks.
+        progress: show a progress bar over denoiser calls.
+    """
+
+    steps: int | None = None
+    guidance: float | None = None
+    seed: int = 0
+    height: int | None = None
+    width: int | None = None
+    timesteps: int = 10
+    sparsity: float = 0.01
+    rows: str = "both"
+    token_norm: bool = True
+    batch_size: int = 4
+    per_step: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        check_timesteps(self.timesteps)
+        if self.rows not in ROWS:
+            raise MemcoreError(f"--rows: must be one of {', '.join(ROWS)}, got {self.rows!r}")
+        if self.batch_size < 1:
+            raise MemcoreError(f"--batch-size: must be at least 1, got {self.batch_size}")
+        if self.steps is not None and self.steps < 1:
+            raise MemcoreError(f"--steps: must be at least 1, got {self.steps}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise MemcoreError(f"--{name}: must be a positive multiple of 8, got {value}")
+
+
+def check_sparsity(sparsity: float) -> float:
+    if not 0 < sparsity <= 1:
+        raise MemcoreError(f"--sparsity: must be in (0, 1], got {sparsity}")
+    return sparsity
+
+
+def check_timesteps(timesteps: int) -> int:
+    if timesteps < 1:
+        raise MemcoreError(f"--timesteps: must be at least 1, got {timesteps}")
+    return timesteps
+
+
+@dataclass(frozen=True)
+class Generation:
+    """The generation settings in force, resolved against the pipeline (recorded in every output)."""
+
+    steps: int
+    guidance: float
+    seed: int
+    height: int
+    width: int
+    scheduler: str
+    call_timesteps: list[int]  # the scheduler timestep of every denoiser call of a full generation
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_generation(pipe, config: LocalizeConfig) -> Generation:
+    """Fill the config's ``None`` settings from the pipeline's ``__call__`` defaults and configs."""
+    from memcore.models import denoiser
+
+    defaults = inspect.signature(pipe.__call__).parameters
+
+    def default(name: str, fallback):
+        param = defaults.get(name)
+        return fallback if param is None or param.default is inspect.Parameter.empty else param.default
+
+    sample = denoiser(pipe).config.sample_size
+    sample_h, sample_w = (sample, sample) if isinstance(sample, int) else tuple(sample)
+    steps = config.steps if config.steps is not None else default("num_inference_steps", 50)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(steps, device="cpu")
+    return Generation(
+        steps=steps,
+        guidance=float(config.guidance if config.guidance is not None else default("guidance_scale", 7.5)),
+        seed=config.seed,
+        height=config.height or sample_h * pipe.vae_scale_factor,
+        width=config.width or sample_w * pipe.vae_scale_factor,
+        scheduler=type(pipe.scheduler).__name__,
+        call_timesteps=[int(t) for t in torch.as_tensor(scheduler.timesteps).tolist()],
+    )

@@ -1,0 +1,58 @@
+"""Atomic outputs: a crash or an error never leaves a half-written file or folder behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from memcore.errors import MemcoreError
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """Fail early (before any long work) when ``path`` cannot be written as a file."""
+    out = Path(path)
+    if out.is_dir():
+        raise MemcoreError(f"{option} {out}: is a directory")
+    if not out.parent.is_dir():
+        raise MemcoreError(f"{option} {out}: folder {out.parent} does not exist")
+    return out
+
+
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """Fail early when ``path`` cannot be created as a new folder."""
+    out = Path(path)
+    if out.exists():
+        raise MemcoreError(f"{option} {out}: already exists; choose a new folder")
+    if not out.parent.is_dir():
+        raise MemcoreError(f"{option} {out}: folder {out.parent} does not exist")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; it becomes ``path`` only if the block succeeds."""
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""The mask of memorized neurons (SPEC section 3) and its file.
+
+File layout (safetensors): one uint8 tensor per target Linear, keyed by the Linear's full module
+name, shaped [out, ceil(in / 8)], holding ``numpy.packbits(mask, axis=1, bitorder="little")``; with
+``--per-step``, also ``<name>.per_step`` shaped [tau, out, ceil(in / 8)]. The ``memcore`` metadata
+entry is JSON: version, model, weights hash, layers and shapes, settings, density per layer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+import torch
+
+from memcore._version import __version__
+from memcore.config import check_sparsity, check_timesteps
+from memcore.errors import MemcoreError
+from memcore.io import atomic_file
+from memcore.ops import unpack_mask, wanda_mask
+from memcore.stats import Statistics, _read_safetensors
+
+FORMAT = "memcore.mask/1"
+PER_STEP = ".per_step"
+
+
+def top_k(sparsity: float, in_features: int) -> int:
+    """k = floor(s * in), with s taken as the decimal number it was written as (0.29 * 100 = 29)."""
+    return math.floor(Decimal(repr(float(sparsity))) * in_features)
+
+
+@dataclass
+class Mask:
+    """Packed boolean masks per layer, with their provenance."""
+
+    layers: dict[str, torch.Tensor]
+    metadata: dict
+    per_step: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def shape(self, layer: str) -> tuple[int, int]:
+        out, in_features = self.metadata["shapes"][layer]
+        return out, in_features
+
+    def unpack(self, layer: str) -> torch.Tensor:
+        """The boolean mask [out, in] of ``layer``."""
+        return unpack_mask(self.layers[layer], self.shape(layer)[1])
+
+    def unpack_step(self, layer: str, call: int) -> torch.Tensor:
+        """The boolean mask [out, in] of ``layer`` at call index ``call`` (needs ``per_step``)."""
+        if layer not in self.per_step:
+            raise MemcoreError("this mask was computed without --per-step")
+        return unpack_mask(self.per_step[layer][call], self.shape(layer)[1])
+
+    def count(self, layer: str) -> int:
+        return int(self.unpack(layer).sum())
+
+    def density(self) -> float:
+        """The fraction of all target weights in the mask."""
+        total = sum(math.prod(self.shape(name)) for name in self.layers)
+        return sum(self.count(name) for name in self.layers) / total
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {name: t.contiguous().cpu() for name, t in self.layers.items()}
+        tensors.update({name + PER_STEP: t.contiguous().cpu() for name, t in self.per_step.items()})
+        with atomic_file(path) as tmp:
+            save_file(tensors, tmp, metadata={"memcore": json.dumps(self.metadata)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Mask:
+        metadata, tensors = _read_safetensors(path, FORMAT)
+        layers = {name: tensors[name] for name in metadata["layers"]}
+        per_step = {name: tensors[name + PER_STEP] for name in metadata["layers"] if name + PER_STEP in tensors}
+        for name, packed in layers.items():
+            out, in_features = metadata["shapes"][name]
+            if tuple(packed.shape) != (out, (in_features + 7) // 8) or packed.dtype != torch.uint8:
+                raise MemcoreError(f"{path}: layer {name} has a malformed mask tensor {tuple(packed.shape)}")
+        return cls(layers=layers, metadata=metadata, per_step=per_step)
+
+
+def load_mask(path: str | os.PathLike) -> Mask:
+    return Mask.load(path)
+
+
+def save_mask(mask: Mask, path: str | os.PathLike) -> None:
+    mask.save(path)
+
+
+def check_same_weights(targets, metadata: dict, what: str, force: bool = False) -> None:
+    """Refuse statistics or masks made for other layers, and (unless ``force``) other weights."""
+    from memcore.targets import weights_sha256
+
+    shapes = {t.name: list(t.shape) for t in targets}
+    if shapes != {name: list(shape) for name, shape in metadata["shapes"].items()}:
+        raise MemcoreError(
+            f"{what} was made for model {metadata.get('model_id')!r} whose target layers differ from this model's "
+            f"({len(metadata['shapes'])} layers there, {len(shapes)} here, or other names or shapes)"
+        )
+    if not force and weights_sha256(targets) != metadata["weights_sha256"]:
+        raise MemcoreError(
+            f"{what} was made from other weights (model {metadata.get('model_id')!r}, dtype {metadata.get('dtype')}); "
+            "use --force to apply it anyway"
+        )
+
+
+def compute_mask(
+    model,
+    stats: Statistics,
+    sparsity: float = 0.01,
+    timesteps: int | None = None,
+    per_step: bool = False,
+    force: bool = False,
+) -> Mask:
+    """Score every target weight against ``stats`` and select the memorized neurons (SPEC section 3).
+
+    Args:
+        model: the pipeline (or its denoiser) whose weights are scored: the one the stats came from.
+        stats: statistics from :func:`memcore.collect_stats`.
+        sparsity: s in (0, 1]; k = floor(s * in_features) per row and call index.
+        timesteps: tau, use call indices 0 .. tau - 1 (default: all the stats hold).
+        per_step: also keep the mask of each call index.
+        force: accept statistics collected with other weights of the same shapes.
+    """
+    from memcore.models import denoiser
+    from memcore.targets import find_targets
+
+    check_sparsity(sparsity)
+    tau = stats.num_calls if timesteps is None else check_timesteps(timesteps)
+    if tau > stats.num_calls:
+        raise MemcoreError(f"--timesteps: {tau} is more than the {stats.num_calls} calls the statistics hold")
+    net = model if isinstance(model, torch.nn.Module) else denoiser(model)
+    targets = find_targets(net)
+    check_same_weights(targets, stats.metadata, "the statistics file", force)
+
+    layers, steps, report = {}, {}, []
+    with torch.no_grad():
+        for target in targets:
+            weight = target.linear.weight
+            norms, null_norms = (n.to(weight.device) for n in stats.norms(target.name, tau))
+            k = top_k(sparsity, target.linear.in_features)
+            layers[target.name] = wanda_mask(weight, norms, null_norms, k).cpu()
+            if per_step:
+                steps[target.name] = torch.stack(
+                    [wanda_mask(weight, norms[t : t + 1], null_norms[t : t + 1], k).cpu() for t in range(tau)]
+                )
+            report.append((target, k))
+
+    metadata = {
+        key: value
+        for key, value in stats.metadata.items()
+        if key not in ("format", "memcore_version", "timesteps", "collect_seconds")
+    }
+    metadata.update(
+        format=FORMAT,
+        memcore_version=__version__,
+        sparsity=sparsity,
+        timesteps=tau,
+        timestep_values=stats.metadata["call_timesteps"][:tau],
+        per_step=per_step,
+    )
+    mask = Mask(layers=layers, metadata=metadata, per_step=steps)
+    metadata["k"] = {t.name: k for t, k in report}
+    metadata["density"] = {t.name: mask.count(t.name) / math.prod(t.shape) for t, _ in report}
+    return mask

@@ -1,0 +1,88 @@
+"""The one place that decides which implementation of an op runs.
+
+Backends, fastest first for each device type:
+
+- ``cuda``: CUDA kernels from the compiled extension (CUDA tensors);
+- ``triton``: Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
+- ``cpu``: C++/OpenMP kernels from the compiled extension (CPU tensors);
+- ``reference``: pure PyTorch, any device, the definition of correct.
+
+Each op module lists the implementations it has; :func:`select` picks the first one available for
+the tensors' device, unless a backend is forced with ``MEMCORE_BACKEND=<name>`` or
+``with memcore.ops.use_backend("<name>"):`` (the context manager wins over the variable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from memcore.errors import MemcoreError
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "MEMCORE_BACKEND"
+
+_PREFERENCE = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+_forced: contextvars.ContextVar[str | None] = contextvars.ContextVar("memcore_backend", default=None)
+
+
+def _check_name(name: str, origin: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{origin}: unknown memcore backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """Force every memcore op inside the block to run on backend ``name`` (``None``: automatic)."""
+    if name is not None:
+        _check_name(name, "use_backend")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def forced_backend() -> str | None:
+    """The backend forced by :func:`use_backend` or ``MEMCORE_BACKEND``, if any."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    if env not in BACKENDS:
+        raise MemcoreError(f"{ENV_VAR}={env}: unknown memcore backend; choose one of auto, {', '.join(BACKENDS)}")
+    return env
+
+
+Impl = Callable[..., object]
+
+
+def select(op: str, device: torch.device, available: Mapping[str, Impl]) -> tuple[str, Impl]:
+    """Pick the implementation of ``op`` for tensors on ``device``.
+
+    ``available`` maps backend names to callables, holding only the backends that loaded and can
+    run on ``device``.
+    """
+    forced = forced_backend()
+    if forced is not None:
+        if forced not in available:
+            raise MemcoreError(
+                f"memcore backend {forced!r} was forced but cannot run {op} on {device.type} tensors "
+                f"(available here: {', '.join(available) or 'none'})"
+            )
+        return forced, available[forced]
+    for name in _PREFERENCE.get(device.type, ("reference",)):
+        if name in available:
+            return name, available[name]
+    return "reference", available["reference"]

@@ -1,0 +1,129 @@
+"""sqnorm_accumulate: per-feature sum of squared (row-normalized) activations.
+
+For an input X viewed as a matrix of rows (every leading dimension flattened, features last) and a
+range of rows [row_start, row_end), it adds to a float32 accumulator ``acc[j]``::
+
+    acc[j] += sum_r xhat[r, j]^2,   xhat[r] = X[r] / ||X[r]||_2   (token_norm=True; zero rows add 0)
+    acc[j] += sum_r X[r, j]^2                                       (token_norm=False)
+
+This is the statistic of SPEC section 2 (``norm = sqrt(acc)`` is Wanda's activation norm), and it is
+what other pruning code needs for Wanda on any Linear: feed it the Linear's input.
+
+Backends: ``reference`` (float64 PyTorch, any device), ``cpu`` (C++/OpenMP, float64 accumulation
+within a call), ``cuda`` (CUDA kernel on the caller's stream).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memcore.ops import _backend
+from memcore.ops._ext import extension
+
+OP_NAME = "memcore::sqnorm_accumulate"
+
+# dtype names understood by the native kernels
+NATIVE_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float64: "float64",
+}
+
+
+def sqnorm_accumulate_reference(
+    x: torch.Tensor, acc: torch.Tensor, row_start: int = 0, row_end: int | None = None, token_norm: bool = True
+) -> None:
+    """The definition of the op, in float64: adds the statistic of rows [row_start, row_end) to acc."""
+    rows = x.reshape(-1, x.shape[-1])[row_start:row_end].to(torch.float64)
+    sq = rows.square()
+    if token_norm:
+        total = sq.sum(dim=1, keepdim=True)
+        sq = torch.where(total > 0, sq / total, torch.zeros((), dtype=sq.dtype, device=sq.device))
+    acc += sq.sum(dim=0).to(torch.float32)
+
+
+def _rows_2d(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
+def _cpu(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
+    x2 = _rows_2d(x)
+    extension().sqnorm_accumulate_cpu(
+        x2.data_ptr(), NATIVE_DTYPES[x2.dtype], x2.shape[0], x2.shape[1], row_start, row_end, acc.data_ptr(), token_norm
+    )
+
+
+def _cuda(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
+    x2 = _rows_2d(x)
+    with torch.cuda.device(x2.device):
+        stream = torch.cuda.current_stream(x2.device).cuda_stream
+        extension().sqnorm_accumulate_cuda(
+            x2.data_ptr(),
+            NATIVE_DTYPES[x2.dtype],
+            x2.shape[0],
+            x2.shape[1],
+            row_start,
+            row_end,
+            acc.data_ptr(),
+            token_norm,
+            stream,
+        )
+
+
+def _available(device: torch.device) -> dict[str, _backend.Impl]:
+    impls: dict[str, _backend.Impl] = {"reference": sqnorm_accumulate_reference}
+    ext = extension()
+    if ext is not None:
+        if device.type == "cpu":
+            impls["cpu"] = _cpu
+        elif device.type == "cuda" and ext.compiled_with_cuda():
+            impls["cuda"] = _cuda
+    return impls
+
+
+def _validate(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int | None) -> int:
+    if x.dtype not in NATIVE_DTYPES:
+        raise ValueError(f"sqnorm_accumulate: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"sqnorm_accumulate: x must have a non-empty last (feature) dimension, got shape {tuple(x.shape)}")
+    features = x.shape[-1]
+    if acc.dtype != torch.float32 or acc.dim() != 1 or acc.shape[0] != features:
+        raise ValueError(
+            f"sqnorm_accumulate: acc must be a float32 vector of {features} features, "
+            f"got {acc.dtype} of shape {tuple(acc.shape)}"
+        )
+    if not acc.is_contiguous():
+        raise ValueError("sqnorm_accumulate: acc must be contiguous")
+    if acc.device != x.device:
+        raise ValueError(f"sqnorm_accumulate: acc is on {acc.device} but x is on {x.device}")
+    rows = x.numel() // features
+    end = rows if row_end is None else row_end
+    if not 0 <= row_start <= end <= rows:
+        raise ValueError(f"sqnorm_accumulate: row range [{row_start}, {row_end}) does not fit {rows} rows")
+    return end
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=("acc",))
+def sqnorm_accumulate(
+    x: torch.Tensor, acc: torch.Tensor, row_start: int = 0, row_end: int | None = None, token_norm: bool = True
+) -> None:
+    """Add the (row-normalized) column sums of squares of rows [row_start, row_end) of x into acc.
+
+    Args:
+        x: activations, any leading shape, features last (float16, bfloat16, float32 or float64).
+        acc: float32 accumulator of shape [features] on x's device, updated in place.
+        row_start, row_end: the rows of x viewed as [-1, features] to use (default: all).
+        token_norm: L2-normalize each row over features before squaring (SPEC section 2).
+    """
+    end = _validate(x, acc, row_start, row_end)
+    if end == row_start:
+        return
+    _, impl = _backend.select("sqnorm_accumulate", x.device, _available(x.device))
+    impl(x, acc, row_start, end, token_norm)
+
+
+@sqnorm_accumulate.register_fake
+def _(x, acc, row_start=0, row_end=None, token_norm=True) -> None:
+    return None

@@ -1,0 +1,179 @@
+"""wanda_mask: the memorized-neuron mask of one layer from its weights and activation norms.
+
+For a weight ``W[out, in]``, memorized-prompt norms ``norm_mem[T, in]`` (one row per selected call
+index t) and optional null-prompt norms ``norm_null[T, in]`` (SPEC section 3)::
+
+    S_mem[t][r, j]  = |W[r, j]| * norm_mem[t, j]          (float32 product, Wanda score)
+    S_null[t][r, j] = |W[r, j]| * norm_null[t, j]         (float32 product)
+    top[t][r, j]    = j is among the k largest (largest=True) or k smallest S_mem[t][r, :];
+                      ties: the lower column index wins
+    M[t]            = top[t] AND S_mem[t] > S_null[t]      (strictly; only with null norms)
+    mask            = OR over t of M[t]
+
+Scores are float32 whatever the weight dtype (fp16/bf16 weights are upcast first, exactly). The
+null condition compares the two products as written, not the norms: a zero weight has
+``S_mem == S_null == 0`` and is never selected when null norms are given. ``k = 0`` selects nothing,
+``k = in`` selects every column (before the null condition).
+
+Layout: the mask is returned bit-packed, ``uint8[out, ceil(in / 8)]``, row-major; bit b
+(least significant first) of byte c of row r is column ``8 c + b``; padding bits are zero. This is
+``numpy.packbits(mask, axis=1, bitorder="little")``; :func:`pack_mask` and :func:`unpack_mask`
+convert on any device.
+
+Backends: ``reference`` (pure PyTorch, any device; also the "pure-PyTorch path" of the benchmarks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from memcore.ops import _backend
+
+OP_NAME = "memcore::wanda_mask"
+
+# bit b of a packed byte holds column 8c + b
+_BITS = 8
+
+
+def _bit_shifts(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.arange(_BITS, device=device, dtype=dtype)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool mask ``[out, in]`` into ``uint8[out, ceil(in / 8)]``, little bit order per byte.
+
+    Identical to ``numpy.packbits(mask, axis=1, bitorder="little")``; runs on the mask's device.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"pack_mask: mask must be a 2-D bool tensor, got {mask.dtype} of shape {tuple(mask.shape)}")
+    rows, cols = mask.shape
+    nbytes = (cols + _BITS - 1) // _BITS
+    bits = torch.zeros((rows, nbytes * _BITS), dtype=torch.int32, device=mask.device)
+    bits[:, :cols] = mask
+    bits = bits.view(rows, nbytes, _BITS) << _bit_shifts(mask.device, torch.int32)
+    return bits.sum(dim=2, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_mask`: ``uint8[out, ceil(in_features / 8)]`` to ``bool[out, in_features]``."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(
+            f"unpack_mask: packed must be a 2-D uint8 tensor, got {packed.dtype} of shape {tuple(packed.shape)}"
+        )
+    if in_features < 0:
+        raise ValueError(f"unpack_mask: in_features must be >= 0, got {in_features}")
+    nbytes = (in_features + _BITS - 1) // _BITS
+    if packed.shape[1] != nbytes:
+        raise ValueError(
+            f"unpack_mask: packed has {packed.shape[1]} bytes per row but in_features={in_features} "
+            f"needs {nbytes}"
+        )
+    bits = (packed.unsqueeze(2) >> _bit_shifts(packed.device, torch.uint8)) & 1
+    return bits.reshape(packed.shape[0], nbytes * _BITS)[:, :in_features].bool()
+
+
+def _select_k(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """Per row of ``scores``, the k largest (or smallest) entries; ties go to the lower column index.
+
+    topk's values are exact even where its index tie-breaking is not: take the k-th value, select
+    every score strictly beyond it, then fill up with the first columns equal to it.
+    """
+    kth = torch.topk(scores, k, dim=1, largest=largest, sorted=True).values[:, k - 1 : k]
+    beyond = scores > kth if largest else scores < kth
+    tied = scores == kth
+    needed = k - beyond.sum(dim=1, keepdim=True)
+    return beyond | (tied & (tied.cumsum(dim=1) <= needed))
+
+
+def wanda_mask_reference(
+    weight: torch.Tensor,
+    norms: torch.Tensor,
+    null_norms: torch.Tensor | None = None,
+    k: int | None = None,
+    largest: bool = True,
+) -> torch.Tensor:
+    """The definition of the op in eager PyTorch: the packed mask ``uint8[out, ceil(in / 8)]``.
+
+    One (abs, multiply, topk, compare, or) round per row t of ``norms``; no validation beyond
+    requiring ``k`` (the op validates).
+    """
+    if k is None:
+        raise TypeError("wanda_mask_reference: missing required argument k")
+    abs_w = weight.to(torch.float32).abs()
+    mask = torch.zeros(abs_w.shape, dtype=torch.bool, device=abs_w.device)
+    if k == 0:
+        return pack_mask(mask)
+    for t in range(norms.shape[0]):
+        s_mem = abs_w * norms[t]
+        selected = _select_k(s_mem, k, largest)
+        if null_norms is not None:
+            selected &= s_mem > abs_w * null_norms[t]
+        mask |= selected
+    return pack_mask(mask)
+
+
+def _available(device: torch.device) -> dict[str, _backend.Impl]:
+    return {"reference": wanda_mask_reference}
+
+
+def _check_shapes(weight: torch.Tensor, norms: torch.Tensor, null_norms: torch.Tensor | None, k: int) -> None:
+    """Dtype, shape, device and k checks: metadata only, shared by the op and its fake."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            f"wanda_mask: weight must be a 2-D floating tensor, got {weight.dtype} of shape {tuple(weight.shape)}"
+        )
+    in_features = weight.shape[1]
+    if norms.dtype != torch.float32 or norms.dim() != 2 or norms.shape[0] < 1 or norms.shape[1] != in_features:
+        raise ValueError(
+            f"wanda_mask: norms must be float32 of shape [T >= 1, {in_features}], "
+            f"got {norms.dtype} of shape {tuple(norms.shape)}"
+        )
+    if norms.device != weight.device:
+        raise ValueError(f"wanda_mask: norms is on {norms.device} but weight is on {weight.device}")
+    if null_norms is not None:
+        if null_norms.dtype != torch.float32 or null_norms.shape != norms.shape:
+            raise ValueError(
+                f"wanda_mask: null_norms must be float32 of the shape of norms {tuple(norms.shape)}, "
+                f"got {null_norms.dtype} of shape {tuple(null_norms.shape)}"
+            )
+        if null_norms.device != weight.device:
+            raise ValueError(f"wanda_mask: null_norms is on {null_norms.device} but weight is on {weight.device}")
+    if not 0 <= k <= in_features:
+        raise ValueError(f"wanda_mask: k must be in [0, {in_features}] (in_features), got {k}")
+
+
+def _check_finite(name: str, x: torch.Tensor, verb: str = "contain") -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"wanda_mask: {name} {verb} NaN or inf")
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def wanda_mask(
+    weight: torch.Tensor, norms: torch.Tensor, null_norms: torch.Tensor | None, k: int, largest: bool = True
+) -> torch.Tensor:
+    """The bit-packed mask of SPEC section 3 for one layer (see the module docstring).
+
+    Args:
+        weight: ``W[out, in]``, any floating dtype (scores are computed in float32).
+        norms: float32 ``[T, in]``, the memorized-prompt activation norms, one row per call index.
+        null_norms: float32 ``[T, in]`` null-prompt norms, or ``None`` for no null condition.
+        k: columns kept per row and t, ``0 <= k <= in`` (``floor(s * in)`` for sparsity s).
+        largest: select the k largest scores (``False``: the k smallest).
+
+    Returns:
+        ``uint8[out, ceil(in / 8)]`` on weight's device; unpack with :func:`unpack_mask`.
+    """
+    _check_shapes(weight, norms, null_norms, k)
+    _check_finite("weight", weight, "contains")
+    _check_finite("norms", norms)
+    if null_norms is not None:
+        _check_finite("null_norms", null_norms)
+    _, impl = _backend.select("wanda_mask", weight.device, _available(weight.device))
+    return impl(weight, norms, null_norms, k, largest)
+
+
+@wanda_mask.register_fake
+def _(weight, norms, null_norms, k, largest=True):
+    _check_shapes(weight, norms, null_norms, k)
+    out, in_features = weight.shape
+    return weight.new_empty((out, (in_features + _BITS - 1) // _BITS), dtype=torch.uint8)

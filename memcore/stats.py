@@ -1,0 +1,151 @@
+"""Statistics of the memorized prompts and of the empty prompt (SPEC section 2), and their file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from memcore._version import __version__
+from memcore.config import LocalizeConfig, resolve_generation
+from memcore.errors import MemcoreError
+from memcore.io import atomic_file
+
+FORMAT = "memcore.stats/1"
+
+
+@dataclass
+class Statistics:
+    """Accumulated sums of squared activations, float32 [num_calls, in_features] per layer.
+
+    ``mem[layer][t]`` sums over the memorized prompts; ``null[layer][t]`` is N times the empty
+    prompt's sum, so both are on the same scale. Norms are their square roots.
+    """
+
+    mem: dict[str, torch.Tensor]
+    null: dict[str, torch.Tensor]
+    metadata: dict
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.mem)
+
+    @property
+    def num_calls(self) -> int:
+        return int(self.metadata["timesteps"])
+
+    def norms(self, layer: str, num_calls: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm_mem, norm_null) of ``layer`` for the first ``num_calls`` calls."""
+        n = self.num_calls if num_calls is None else num_calls
+        return self.mem[layer][:n].sqrt(), self.null[layer][:n].sqrt()
+
+    def save(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"mem/{name}": t.contiguous().cpu() for name, t in self.mem.items()}
+        tensors.update({f"null/{name}": t.contiguous().cpu() for name, t in self.null.items()})
+        with atomic_file(path) as tmp:
+            save_file(tensors, tmp, metadata={"memcore": json.dumps(self.metadata)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Statistics:
+        metadata, tensors = _read_safetensors(path, FORMAT)
+        mem = {name: tensors[f"mem/{name}"] for name in metadata["layers"]}
+        null = {name: tensors[f"null/{name}"] for name in metadata["layers"]}
+        return cls(mem=mem, null=null, metadata=metadata)
+
+
+def _read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Tensors and memcore metadata of a file written by memcore, or a one-line error."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(path):
+        raise MemcoreError(f"{path}: no such file")
+    try:
+        with safe_open(os.fspath(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("memcore")
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise MemcoreError(f"{path}: not a safetensors file ({exc})") from None
+    try:
+        metadata = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        metadata = {}
+    if metadata.get("format") != expected_format:
+        raise MemcoreError(f"{path}: not a memcore {expected_format.split('.')[1].split('/')[0]} file")
+    return metadata, tensors
+
+
+def prompts_sha256(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
+
+
+def collect_stats(pipe, prompts: list[str], config: LocalizeConfig | None = None) -> Statistics:
+    """Run the first ``config.timesteps`` denoiser calls for ``prompts`` and for "" and collect statistics.
+
+    Every prompt starts from the same initial latent; the empty prompt runs once and its statistics
+    are multiplied by the number of prompts (SPEC section 2).
+    """
+    from memcore.capture import CaptureState, apply_capture
+    from memcore.driver import initial_latent, is_guided, run_first_calls
+    from memcore.models import denoiser, model_id
+    from memcore.targets import find_targets, weights_sha256
+
+    config = config or LocalizeConfig()
+    if not prompts:
+        raise MemcoreError("no prompts to localize")
+    generation = resolve_generation(pipe, config)
+    tau = config.timesteps
+    total_calls = len(generation.call_timesteps)
+    if tau > total_calls:
+        raise MemcoreError(f"--timesteps: {tau} is more than the {total_calls} denoiser calls of {generation.steps} steps")
+
+    net = denoiser(pipe)
+    targets = find_targets(net)
+    device = pipe._execution_device
+
+    def zeros() -> dict[str, torch.Tensor]:
+        return {t.name: torch.zeros(tau, t.linear.in_features, dtype=torch.float32, device=device) for t in targets}
+
+    mem, null = zeros(), zeros()
+    batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+    latent = initial_latent(pipe, generation)
+    state = CaptureState(num_calls=tau, rows=config.rows, guided=is_guided(pipe, generation), token_norm=config.token_norm)
+    started = time.perf_counter()
+    with (
+        torch.no_grad(),
+        apply_capture(net, targets, state),
+        tqdm(total=(len(batches) + 1) * tau, desc="denoiser calls", unit="call", disable=None if config.progress else True) as bar,
+    ):
+        for batch in batches:
+            state.start_run(mem)
+            run_first_calls(pipe, batch, latent, generation, tau, on_call=bar.update)
+        state.start_run(null)
+        run_first_calls(pipe, [""], latent, generation, tau, on_call=bar.update)
+    for acc in null.values():
+        acc.mul_(len(prompts))
+
+    metadata = {
+        "format": FORMAT,
+        "memcore_version": __version__,
+        "model_id": model_id(pipe),
+        "target": "ffn",
+        "weights_sha256": weights_sha256(targets),
+        "dtype": str(net.dtype).removeprefix("torch."),
+        "layers": [t.name for t in targets],
+        "shapes": {t.name: list(t.shape) for t in targets},
+        "num_prompts": len(prompts),
+        "prompts_sha256": prompts_sha256(prompts),
+        "timesteps": tau,
+        "rows": config.rows,
+        "token_norm": config.token_norm,
+        "batch_size": config.batch_size,
+        "collect_seconds": round(time.perf_counter() - started, 3),
+        **generation.as_dict(),
+    }
+    return Statistics(mem=mem, null=null, metadata=metadata)

@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network, and transformers' import-time notices are noise here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture
+def tiny_pipe():
+    from memcore.models import load_pipeline
+
+    return load_pipeline("tiny", device="cpu", dtype="float32")
+
+
+@pytest.fixture
+def prompts():
+    return ["a painting of a fox", "the great wave, print", "portrait of a man in a hat"]

@@ -1,0 +1,131 @@
+"""Capture on the tiny pipeline against statistics computed from activations stored by plain hooks."""
+
+import pytest
+import torch
+
+from memcore.config import LocalizeConfig, resolve_generation
+from memcore.driver import initial_latent
+from memcore.models import denoiser
+from memcore.stats import collect_stats
+from memcore.targets import find_targets
+
+
+def stored_inputs(pipe, prompts, num_calls=None, steps=None):
+    """Inputs of every target Linear per denoiser call, kept by plain torch hooks: {(layer, call): X}."""
+    net = denoiser(pipe)
+    calls = [-1]
+    kept = {}
+    handles = [net.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))]
+    for target in find_targets(net):
+        def keep(module, args, name=target.name):
+            kept[(name, calls[0])] = args[0].detach().clone()
+        handles.append(target.linear.register_forward_pre_hook(keep))
+    generation = resolve_generation(pipe, LocalizeConfig(steps=steps))
+    try:
+        with torch.no_grad():
+            pipe(
+                prompt=prompts,
+                num_inference_steps=generation.steps,
+                latents=initial_latent(pipe, generation).repeat(len(prompts), 1, 1, 1),
+                output_type="latent",
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return kept
+
+
+def statistic(x, rows, token_norm):
+    """SPEC section 2 written out: sum over rows of xhat^2 (float64), rows 'both' or 'cond'."""
+    x = x.double()
+    if rows == "cond":
+        x = x[x.shape[0] // 2 :]
+    x = x.reshape(-1, x.shape[-1])
+    if token_norm:
+        norm = x.norm(dim=1, keepdim=True)
+        x = torch.where(norm > 0, x / norm, torch.zeros_like(x))
+    return (x**2).sum(0)
+
+
+@pytest.mark.parametrize("rows", ["both", "cond"])
+@pytest.mark.parametrize("token_norm", [True, False])
+def test_hook_statistics_equal_stored_activations(tiny_pipe, prompts, rows, token_norm):
+    tau = 3
+    kept = stored_inputs(tiny_pipe, prompts, steps=5)
+    null_kept = stored_inputs(tiny_pipe, [""], steps=5)
+    config = LocalizeConfig(steps=5, timesteps=tau, rows=rows, token_norm=token_norm, batch_size=len(prompts), progress=False)
+    stats = collect_stats(tiny_pipe, prompts, config)
+    assert stats.layers == [t.name for t in find_targets(tiny_pipe.unet)]
+    for layer in stats.layers:
+        for t in range(tau):
+            expected = statistic(kept[(layer, t)], rows, token_norm).float()
+            torch.testing.assert_close(stats.mem[layer][t], expected, rtol=2e-6, atol=0, msg=f"mem {layer} call {t}")
+            expected_null = len(prompts) * statistic(null_kept[(layer, t)], rows, token_norm).float()
+            torch.testing.assert_close(stats.null[layer][t], expected_null, rtol=2e-6, atol=0, msg=f"null {layer} call {t}")
+
+
+def test_stopping_early_sees_the_first_calls_of_a_full_generation(tiny_pipe, prompts):
+    full = stored_inputs(tiny_pipe, prompts, steps=8)
+    assert max(call for _, call in full) == 8  # PNDM: 9 denoiser calls for 8 steps
+    stats = collect_stats(tiny_pipe, prompts, LocalizeConfig(steps=8, timesteps=4, batch_size=3, progress=False))
+    for layer in stats.layers:
+        for t in range(4):
+            expected = statistic(full[(layer, t)], "both", True).float()
+            torch.testing.assert_close(stats.mem[layer][t], expected, rtol=2e-6, atol=0)
+
+
+def test_default_schedule_is_sd15_pndm(tiny_pipe):
+    generation = resolve_generation(tiny_pipe, LocalizeConfig())
+    assert (generation.steps, generation.guidance, generation.height, generation.width) == (50, 7.5, 128, 128)
+    assert len(generation.call_timesteps) == 51
+    assert generation.call_timesteps[:4] == [981, 961, 961, 941]
+
+
+def test_batch_sizes_agree(tiny_pipe):
+    prompts = ["one", "two two", "three three three", "four", "five"]
+    base = LocalizeConfig(timesteps=2, progress=False)
+    one = collect_stats(tiny_pipe, prompts, LocalizeConfig(timesteps=2, batch_size=1, progress=False))
+    four = collect_stats(tiny_pipe, prompts, LocalizeConfig(timesteps=2, batch_size=4, progress=False))
+    assert base.batch_size == 4
+    for layer in one.layers:
+        torch.testing.assert_close(one.mem[layer], four.mem[layer], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(one.null[layer], four.null[layer], rtol=1e-5, atol=1e-6)
+
+
+def test_one_null_run_times_n_equals_n_null_runs(tiny_pipe, prompts):
+    stats = collect_stats(tiny_pipe, prompts, LocalizeConfig(timesteps=2, progress=False))
+    # N separate generations of the empty prompt, one per batch, are the memorized statistic of [""] * N
+    separate = collect_stats(tiny_pipe, [""] * len(prompts), LocalizeConfig(timesteps=2, batch_size=1, progress=False))
+    for layer in stats.layers:
+        torch.testing.assert_close(stats.null[layer], separate.mem[layer], rtol=1e-6, atol=0)
+
+
+def test_initial_latent_is_the_pipelines_own_draw(tiny_pipe):
+    generation = resolve_generation(tiny_pipe, LocalizeConfig(seed=3))
+    ours = initial_latent(tiny_pipe, generation)
+    torch.manual_seed(3)
+    theirs = tiny_pipe.prepare_latents(1, 4, 128, 128, torch.float32, torch.device("cpu"), None)
+    torch.testing.assert_close(ours * tiny_pipe.scheduler.init_noise_sigma, theirs, rtol=0, atol=0)
+
+
+def test_hooks_are_removed_when_the_run_fails(tiny_pipe, prompts):
+    net = tiny_pipe.unet
+    calls = []
+
+    def fail_on_second_call(module, args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+
+    handle = net.register_forward_pre_hook(fail_on_second_call)
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            collect_stats(tiny_pipe, prompts, LocalizeConfig(timesteps=3, progress=False))
+    finally:
+        handle.remove()
+    for module in [net, *(t.linear for t in find_targets(net))]:
+        registry = getattr(module, "_diffusers_hook", None)
+        assert registry is None or registry.get_hook("memcore_capture") is None
+    # and a later run works and is unaffected
+    stats = collect_stats(tiny_pipe, prompts, LocalizeConfig(timesteps=1, progress=False))
+    assert all(torch.isfinite(acc).all() and (acc > 0).any() for acc in stats.mem.values())

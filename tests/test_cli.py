@@ -1,0 +1,170 @@
+"""The command line end to end on the tiny model, and its answers to bad input."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from memcore.cli import main
+from memcore.mask import Mask
+from memcore.targets import find_targets
+
+FAST = ["--timesteps", "2", "--height", "64", "--width", "64", "--sparsity", "0.05"]
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a painting of a fox\n\nthe great wave, print\nportrait of a man in a hat")
+    return path
+
+
+def run(capsys, *argv):
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_localize_then_prune(tmp_path, capsys, prompt_file):
+    from diffusers import StableDiffusionPipeline
+
+    from memcore.models import load_pipeline
+
+    mask_path, stats_path = tmp_path / "mask.safetensors", tmp_path / "stats.safetensors"
+    code, out, err = run(
+        capsys, "localize", "--model", "tiny", "--prompts", prompt_file, "--out", mask_path,
+        "--stats-out", stats_path, "--json", *FAST,
+    )
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["num_prompts"] == 3 and summary["layers"] == 16 and summary["masked_weights"] > 0
+    mask = Mask.load(mask_path)
+    assert mask.metadata["model_id"] == "memcore/tiny" and mask.metadata["timesteps"] == 2
+
+    # the mask command recomputes the same mask from the statistics without running the model
+    again = tmp_path / "again.safetensors"
+    code, _, err = run(capsys, "mask", "--model", "tiny", "--stats", stats_path, "--sparsity", "0.05", "--out", again)
+    assert code == 0, err
+    recomputed = Mask.load(again)
+    assert all(torch.equal(mask.layers[n], recomputed.layers[n]) for n in mask.layers)
+
+    pruned_dir = tmp_path / "pruned"
+    code, out, err = run(capsys, "prune", "--model", "tiny", "--mask", mask_path, "--out", pruned_dir, "--json")
+    assert code == 0, err
+    assert json.loads(out)["zeroed_weights"] == summary["masked_weights"]
+
+    original = load_pipeline("tiny")
+    pruned = StableDiffusionPipeline.from_pretrained(pruned_dir, local_files_only=True)
+    targets = {t.name for t in find_targets(pruned.unet)}
+    before = dict(original.unet.named_parameters())
+    for name, param in pruned.unet.named_parameters():
+        layer = name.removesuffix(".weight")
+        if layer in targets and name.endswith(".weight"):
+            selected = mask.unpack(layer)
+            assert (param[selected] == 0).all(), name
+            assert torch.equal(param[~selected], before[name][~selected]), name
+        else:
+            assert torch.equal(param, before[name]), name
+    for part in ("text_encoder", "vae"):
+        for (name, a), b in zip(getattr(original, part).named_parameters(), getattr(pruned, part).parameters()):
+            assert torch.equal(a, b), f"{part}.{name}"
+
+
+def test_env_reports_backends(capsys):
+    code, out, _ = run(capsys, "env", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["backends"]["reference"] == "available"
+    assert set(info["backends"]) == {"reference", "cpu", "cuda", "triton"}
+
+
+def assert_user_error(capsys, tmp_path, argv, expect):
+    before = set(os.listdir(tmp_path))
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (out, err)
+    # loading progress bars may precede it; the error itself is one line, the last
+    errors = [line for line in err.strip().splitlines() if "error:" in line]
+    assert len(errors) == 1 and err.strip().endswith(errors[0]) and "Traceback" not in err, err
+    assert errors[0].startswith("memcore ") and expect in errors[0], errors[0]
+    assert set(os.listdir(tmp_path)) == before, "an output was left behind"
+
+
+@pytest.mark.parametrize(
+    "content, name, expect",
+    [
+        ("", "empty.txt", "no prompts"),
+        ("\n   \n\n", "blank.txt", "no prompts"),
+        ("a prompt\n", "prompts.yaml", "extension"),
+        ('{"caption": "ok"}\n{"caption": \n', "bad.jsonl", ":2:"),
+    ],
+)
+def test_bad_prompt_files(tmp_path, capsys, content, name, expect):
+    path = tmp_path / name
+    path.write_text(content)
+    out = tmp_path / "mask.safetensors"
+    assert_user_error(capsys, tmp_path, ["localize", "--model", "tiny", "--prompts", path, "--out", out], expect)
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--sparsity", "0"], "--sparsity"),
+        (["--sparsity", "1.5"], "--sparsity"),
+        (["--timesteps", "0"], "--timesteps"),
+        (["--timesteps", "52"], "51 denoiser calls"),
+        (["--model", "/nonexistent/model"], "no such folder"),
+        (["--model", "someone/not-cached-model"], "not in the local cache"),
+        (["--out", "/nonexistent/folder/mask.safetensors"], "does not exist"),
+    ],
+)
+def test_bad_localize_arguments(tmp_path, capsys, prompt_file, args, expect):
+    work = tmp_path / "work"
+    work.mkdir()
+    base = {"--model": "tiny", "--prompts": str(prompt_file), "--out": str(work / "mask.safetensors")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["localize", *[x for pair in base.items() for x in pair]]
+    assert_user_error(capsys, work, argv, expect)
+
+
+def test_missing_model_folder_without_model_index(tmp_path, capsys, prompt_file):
+    empty = tmp_path / "not_a_pipeline"
+    empty.mkdir()
+    argv = ["localize", "--model", empty, "--prompts", prompt_file, "--out", tmp_path / "m.safetensors"]
+    assert_user_error(capsys, tmp_path, argv, "model_index.json")
+
+
+def test_mask_for_other_weights_or_layers_is_refused(tmp_path, capsys, prompt_file):
+    from memcore.models import load_pipeline
+
+    mask_path = tmp_path / "mask.safetensors"
+    assert run(capsys, "localize", "--model", "tiny", "--prompts", prompt_file, "--out", mask_path, *FAST)[0] == 0
+
+    other = load_pipeline("tiny")
+    with torch.no_grad():
+        other.unet.down_blocks[1].attentions[0].transformer_blocks[0].ff.net[2].weight[0, 0] += 1
+    other.save_pretrained(tmp_path / "other")
+    work = tmp_path / "work"
+    work.mkdir()
+    argv = ["prune", "--model", tmp_path / "other", "--mask", mask_path, "--out", work / "pruned"]
+    assert_user_error(capsys, work, argv, "other weights")
+    # --force applies it to the same shapes
+    assert run(capsys, *argv, "--force")[0] == 0
+
+    mask = Mask.load(mask_path)
+    renamed = {name.replace("down_blocks", "downs"): shape for name, shape in mask.metadata["shapes"].items()}
+    mask.metadata["shapes"] = renamed
+    mask.metadata["layers"] = list(renamed)
+    mask.layers = {name.replace("down_blocks", "downs"): t for name, t in mask.layers.items()}
+    mask.save(tmp_path / "renamed.safetensors")
+    argv = ["prune", "--model", "tiny", "--mask", tmp_path / "renamed.safetensors", "--out", work / "p2", "--force"]
+    assert_user_error(capsys, work, argv, "target layers differ")
+
+
+def test_not_a_mask_file(tmp_path, capsys):
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not safetensors at all")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert_user_error(capsys, work, ["prune", "--model", "tiny", "--mask", bogus, "--out", work / "p"], "safetensors")

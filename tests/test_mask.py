@@ -1,0 +1,119 @@
+"""Masks on the tiny model against SPEC section 3, the mask file, and pruning in Python."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_wanda_mask import brute_force_packed
+
+from memcore.config import LocalizeConfig
+from memcore.errors import MemcoreError
+from memcore.localize import localize
+from memcore.mask import Mask, compute_mask, top_k
+from memcore.prune import prune
+from memcore.targets import find_targets
+
+
+@pytest.fixture
+def localized(tiny_pipe, prompts):
+    config = LocalizeConfig(timesteps=3, sparsity=0.05, per_step=True, height=64, width=64, progress=False)
+    mask, stats = localize(tiny_pipe, prompts, config)
+    return mask, stats
+
+
+def test_mask_on_tiny_equals_spec(tiny_pipe, localized):
+    mask, stats = localized
+    for target in find_targets(tiny_pipe.unet):
+        norms, null = stats.norms(target.name, 3)
+        k = math.floor(0.05 * target.linear.in_features)
+        want = brute_force_packed(target.linear.weight.detach(), norms, null, k, True)
+        np.testing.assert_array_equal(mask.layers[target.name].numpy(), want, err_msg=target.name)
+        for t in range(3):
+            want_t = brute_force_packed(target.linear.weight.detach(), norms[t : t + 1], null[t : t + 1], k, True)
+            np.testing.assert_array_equal(mask.per_step[target.name][t].numpy(), want_t)
+    assert 0 < mask.density() < 0.05
+
+
+def test_mask_file_round_trip(tmp_path, localized):
+    mask, stats = localized
+    mask.save(tmp_path / "m.safetensors")
+    loaded = Mask.load(tmp_path / "m.safetensors")
+    assert loaded.metadata == mask.metadata
+    for name in mask.layers:
+        assert torch.equal(loaded.layers[name], mask.layers[name])
+        assert torch.equal(loaded.per_step[name], mask.per_step[name])
+        assert torch.equal(loaded.unpack(name), mask.unpack(name))
+    meta = loaded.metadata
+    assert meta["timestep_values"] == [981, 961, 961] and meta["num_prompts"] == 3 and meta["rows"] == "both"
+    assert len(meta["weights_sha256"]) == 64 and len(meta["prompts_sha256"]) == 64
+    assert set(meta["density"]) == set(meta["layers"])
+
+
+def test_mask_file_is_numpy_packbits(tmp_path, localized):
+    from safetensors.numpy import load_file
+
+    mask, _ = localized
+    mask.save(tmp_path / "m.safetensors")
+    raw = load_file(tmp_path / "m.safetensors")
+    for name in mask.layers:
+        dense = mask.unpack(name).numpy()
+        np.testing.assert_array_equal(raw[name], np.packbits(dense, axis=1, bitorder="little"))
+
+
+def test_stats_round_trip_and_recompute(tmp_path, tiny_pipe, localized):
+    from memcore.stats import Statistics
+
+    mask, stats = localized
+    stats.save(tmp_path / "s.safetensors")
+    loaded = Statistics.load(tmp_path / "s.safetensors")
+    assert loaded.metadata == stats.metadata
+    again = compute_mask(tiny_pipe, loaded, sparsity=0.05, timesteps=3)
+    assert all(torch.equal(again.layers[n], mask.layers[n]) for n in mask.layers)
+    fewer = compute_mask(tiny_pipe, loaded, sparsity=0.05, timesteps=1)
+    for name in mask.layers:  # tau = 1 is the first per-step mask
+        assert torch.equal(fewer.layers[name], mask.per_step[name][0])
+    with pytest.raises(MemcoreError, match="timesteps"):
+        compute_mask(tiny_pipe, loaded, sparsity=0.05, timesteps=4)
+
+
+def test_prune_in_place(tiny_pipe, localized):
+    mask, _ = localized
+    before = {n: p.clone() for n, p in tiny_pipe.unet.named_parameters()}
+    zeroed = prune(tiny_pipe, mask)
+    assert zeroed == sum(mask.count(n) for n in mask.layers) > 0
+    for name, param in tiny_pipe.unet.named_parameters():
+        layer = name.removesuffix(".weight")
+        if layer in mask.layers:
+            selected = mask.unpack(layer)
+            assert (param[selected] == 0).all() and torch.equal(param[~selected], before[name][~selected])
+        else:
+            assert torch.equal(param, before[name])
+    with pytest.raises(MemcoreError, match="other weights"):
+        prune(tiny_pipe, mask)  # the weights changed: the hash no longer matches
+
+
+@pytest.mark.parametrize("s, n, k", [(0.01, 1280, 12), (0.01, 2560, 25), (0.01, 5120, 51), (0.29, 100, 29), (1, 7, 7), (0.5, 1, 0)])
+def test_top_k(s, n, k):
+    assert top_k(s, n) == k
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_statistics_backends_give_the_same_mask(tiny_pipe, prompts, backend):
+    from memcore.ops import use_backend
+    from memcore.ops._ext import extension
+    from memcore.stats import collect_stats
+
+    if extension() is None:
+        pytest.skip("memcore._C is not built")
+    config = LocalizeConfig(timesteps=3, sparsity=0.05, height=64, width=64, progress=False)
+    with use_backend("reference"):
+        reference = collect_stats(tiny_pipe, prompts, config)
+    with use_backend(backend):
+        fast = collect_stats(tiny_pipe, prompts, config)
+    for name in reference.layers:
+        torch.testing.assert_close(fast.mem[name], reference.mem[name], rtol=1e-6, atol=0)
+        torch.testing.assert_close(fast.null[name], reference.null[name], rtol=1e-6, atol=0)
+    want, got = compute_mask(tiny_pipe, reference, 0.05), compute_mask(tiny_pipe, fast, 0.05)
+    for name in want.layers:
+        assert torch.equal(got.layers[name], want.layers[name]), name

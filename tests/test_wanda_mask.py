@@ -1,0 +1,277 @@
+"""wanda_mask against a brute force written from SPEC section 3 with plain Python/numpy loops.
+
+Masks compare exactly (packed bytes), over odd widths, ties, zero and negative weights, -0.0,
+k in {0, 1, in}, both selection directions, with and without null norms, fp16/bf16 weights.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from memcore.ops.wanda_mask import pack_mask, unpack_mask, wanda_mask, wanda_mask_reference
+
+ODD_WIDTHS = (1, 7, 8, 9, 13, 33, 100, 130)
+
+
+def brute_force_mask(weight: torch.Tensor, norms: torch.Tensor, null_norms, k: int, largest: bool) -> np.ndarray:
+    """Unpacked bool mask [out, in], one row and one t at a time."""
+    w = weight.to(torch.float32).numpy()
+    mem = norms.numpy().astype(np.float32)
+    null = None if null_norms is None else null_norms.numpy().astype(np.float32)
+    out, cols = w.shape
+    mask = np.zeros((out, cols), dtype=bool)
+    for t in range(mem.shape[0]):
+        for r in range(out):
+            s_mem = [np.float32(abs(w[r, j])) * mem[t, j] for j in range(cols)]
+            if largest:
+                order = sorted(range(cols), key=lambda j: (-float(s_mem[j]), j))
+            else:
+                order = sorted(range(cols), key=lambda j: (float(s_mem[j]), j))
+            for j in order[:k]:
+                if null is not None:
+                    s_null = np.float32(abs(w[r, j])) * null[t, j]
+                    if not s_mem[j] > s_null:
+                        continue
+                mask[r, j] = True
+    return mask
+
+
+def brute_force_packed(weight, norms, null_norms, k, largest) -> np.ndarray:
+    return np.packbits(brute_force_mask(weight, norms, null_norms, k, largest), axis=1, bitorder="little")
+
+
+def assert_mask_equal(got: torch.Tensor, want: np.ndarray, in_features: int) -> None:
+    assert got.dtype == torch.uint8 and tuple(got.shape) == want.shape, (got.dtype, tuple(got.shape), want.shape)
+    got_bits = unpack_mask(got, in_features).numpy()
+    want_bits = np.unpackbits(want, axis=1, count=in_features, bitorder="little").astype(bool)
+    diff = np.argwhere(got_bits != want_bits)
+    assert diff.size == 0, f"{len(diff)} mask bits differ, first (row, col): {diff[:10].tolist()}"
+    assert np.array_equal(got.numpy(), want), "packed bytes differ (padding bits?)"
+
+
+def make_inputs(gen, out, cols, t, *, ties=False, dtype=torch.float32, with_null=True):
+    if ties:
+        weight = torch.randint(-2, 3, (out, cols), generator=gen).to(dtype)
+        norms = torch.randint(0, 4, (t, cols), generator=gen).to(torch.float32)
+        null = torch.randint(0, 4, (t, cols), generator=gen).to(torch.float32)
+    else:
+        weight = torch.randn(out, cols, generator=gen).to(dtype)
+        weight[torch.rand(out, cols, generator=gen) < 0.1] = 0.0
+        norms = torch.rand(t, cols, generator=gen) * 3
+        null = torch.rand(t, cols, generator=gen) * 3
+    return weight, norms, (null if with_null else None)
+
+
+def check(weight, norms, null, k, largest):
+    got = wanda_mask(weight, norms, null, k, largest)
+    want = brute_force_packed(weight, norms, null, k, largest)
+    assert_mask_equal(got, want, weight.shape[1])
+    assert torch.equal(got, wanda_mask_reference(weight, norms, null, k, largest))
+
+
+# --- pack / unpack ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cols", (0,) + ODD_WIDTHS + (16, 64))
+def test_pack_matches_numpy_and_round_trips(cols):
+    gen = torch.Generator().manual_seed(cols)
+    mask = torch.rand(5, cols, generator=gen) < 0.5
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (5, (cols + 7) // 8)
+    assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), axis=1, bitorder="little"))
+    assert torch.equal(unpack_mask(packed, cols), mask)
+
+
+def test_pack_bit_order():
+    mask = torch.zeros(1, 10, dtype=torch.bool)
+    mask[0, 0] = mask[0, 3] = mask[0, 9] = True
+    assert pack_mask(mask).tolist() == [[0b00001001, 0b00000010]]
+
+
+def test_pack_unpack_validation():
+    with pytest.raises(ValueError, match="mask"):
+        pack_mask(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="mask"):
+        pack_mask(torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="in_features"):
+        unpack_mask(torch.zeros(2, 2, dtype=torch.uint8), 17)
+    with pytest.raises(ValueError, match="in_features"):
+        unpack_mask(torch.zeros(2, 2, dtype=torch.uint8), 8)
+    with pytest.raises(ValueError, match="packed"):
+        unpack_mask(torch.zeros(2, 2, dtype=torch.int32), 16)
+
+
+# --- the op against the brute force ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("cols", ODD_WIDTHS)
+@pytest.mark.parametrize("t", (1, 3, 10))
+@pytest.mark.parametrize("with_null", (True, False))
+def test_random(cols, t, with_null):
+    gen = torch.Generator().manual_seed(1000 * cols + 10 * t + with_null)
+    weight, norms, null = make_inputs(gen, 11, cols, t, with_null=with_null)
+    for k in sorted({0, 1, max(cols // 100, 1), cols // 3, cols}):
+        for largest in (True, False):
+            check(weight, norms, null, k, largest)
+
+
+@pytest.mark.parametrize("cols", (7, 9, 13, 33, 100))
+@pytest.mark.parametrize("with_null", (True, False))
+@pytest.mark.parametrize("largest", (True, False))
+def test_ties(cols, with_null, largest):
+    gen = torch.Generator().manual_seed(cols + 7 * with_null + 3 * largest)
+    weight, norms, null = make_inputs(gen, 16, cols, 3, ties=True, with_null=with_null)
+    for k in sorted({1, 2, cols // 4, cols // 2, cols - 1, cols}):
+        check(weight, norms, null, k, largest)
+
+
+def test_ties_lower_column_wins():
+    weight = torch.ones(2, 9)
+    norms = torch.ones(1, 9)
+    norms[0, 4] = 2.0
+    got = unpack_mask(wanda_mask(weight, norms, None, 3), 9)
+    assert got[0].nonzero().flatten().tolist() == [0, 1, 4]
+    got = unpack_mask(wanda_mask(weight, norms, None, 3, largest=False), 9)
+    assert got[0].nonzero().flatten().tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float64))
+@pytest.mark.parametrize("with_null", (True, False))
+def test_weight_dtypes(dtype, with_null):
+    gen = torch.Generator().manual_seed(7)
+    weight, norms, null = make_inputs(gen, 13, 37, 3, dtype=dtype, with_null=with_null)
+    for k in (1, 5, 37):
+        for largest in (True, False):
+            check(weight, norms, null, k, largest)
+
+
+def test_float64_weights_are_rounded_to_float32_first():
+    # 1 + 2^-30 rounds to 1.0 in float32: the two columns tie and the lower index wins.
+    weight = torch.tensor([[1.0, 1.0 + 2.0**-30]], dtype=torch.float64)
+    norms = torch.ones(1, 2)
+    assert unpack_mask(wanda_mask(weight, norms, None, 1), 2).tolist() == [[True, False]]
+
+
+def test_zero_weights_never_selected_with_null_norms():
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(16, 33, generator=gen)
+    weight[:, ::3] = 0.0
+    weight[::2, 1::3] = -0.0
+    norms = torch.rand(3, 33, generator=gen) + 1.0
+    null = torch.zeros(3, 33)  # S_mem > S_null holds for every nonzero weight
+    for largest in (True, False):
+        for k in (1, 11, 33):
+            mask = unpack_mask(wanda_mask(weight, norms, null, k, largest), 33)
+            assert not mask[weight == 0].any()
+            check(weight, norms, null, k, largest)
+
+
+def test_zero_weights_without_null_norms_only_by_rank():
+    # Row 0: two nonzero weights, so k = 3 must pick one zero column (the lowest index, column 0).
+    weight = torch.tensor([[0.0, 2.0, -0.0, 0.0, -3.0], [1.0, 0.0, 2.0, 3.0, 4.0]])
+    norms = torch.ones(1, 5)
+    got = unpack_mask(wanda_mask(weight, norms, None, 3), 5)
+    assert got.tolist() == [[True, True, False, False, True], [False, False, True, True, True]]
+    got = unpack_mask(wanda_mask(weight, norms, None, 2, largest=False), 5)
+    assert got.tolist() == [[True, False, True, False, False], [True, True, False, False, False]]
+    for k in range(6):
+        for largest in (True, False):
+            check(weight, norms, None, k, largest)
+
+
+def test_null_condition_is_strict_and_on_products():
+    weight = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    norms = torch.tensor([[2.0, 2.0, 2.0, 5.0]])
+    null = torch.tensor([[2.0, 1.0, 3.0, 1.0]])  # equal, smaller, larger, smaller-but-zero-weight
+    got = unpack_mask(wanda_mask(weight, norms, null, 4), 4)
+    assert got.tolist() == [[False, True, False, False]]
+    check(weight, norms, null, 4, True)
+
+
+def test_or_over_t():
+    weight = torch.ones(1, 4)
+    norms = torch.tensor([[3.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 3.0]])
+    assert unpack_mask(wanda_mask(weight, norms, None, 1), 4).tolist() == [[True, False, False, True]]
+
+
+def test_k_zero_and_k_all():
+    gen = torch.Generator().manual_seed(5)
+    weight, norms, null = make_inputs(gen, 6, 13, 3)
+    assert not unpack_mask(wanda_mask(weight, norms, null, 0), 13).any()
+    assert not unpack_mask(wanda_mask(weight, norms, None, 0), 13).any()
+    assert unpack_mask(wanda_mask(weight, norms, None, 13), 13).all()
+    want = (weight.abs().unsqueeze(0) * norms.unsqueeze(1) > weight.abs().unsqueeze(0) * null.unsqueeze(1)).any(0)
+    assert torch.equal(unpack_mask(wanda_mask(weight, norms, null, 13), 13), want)
+
+
+def test_sd_layer_shape_against_lexsort():
+    # A real SD 1.x layer size (320 x 1280, tau = 10, s = 0.01): a vectorized numpy check.
+    gen = torch.Generator().manual_seed(11)
+    weight = torch.randn(320, 1280, generator=gen).to(torch.float16)
+    norms = torch.rand(10, 1280, generator=gen) * 4
+    null = torch.rand(10, 1280, generator=gen) * 4
+    k = 12
+    w = np.abs(weight.float().numpy())
+    cols = np.broadcast_to(np.arange(1280), w.shape)
+    want = np.zeros(w.shape, dtype=bool)
+    for t in range(10):
+        s_mem = w * norms[t].numpy()
+        top = np.lexsort((cols, -s_mem), axis=1)[:, :k]
+        sel = np.zeros(w.shape, dtype=bool)
+        np.put_along_axis(sel, top, True, axis=1)
+        want |= sel & (s_mem > w * null[t].numpy())
+    assert_mask_equal(wanda_mask(weight, norms, null, k), np.packbits(want, axis=1, bitorder="little"), 1280)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda w, n, z, k: (w.to(torch.int32), n, z, k), "weight"),
+        (lambda w, n, z, k: (w[0], n, z, k), "weight"),
+        (lambda w, n, z, k: (w, n[:, :-1], z, k), "norms"),
+        (lambda w, n, z, k: (w, n[0], z, k), "norms"),
+        (lambda w, n, z, k: (w, n[:0], z[:0], k), "norms"),
+        (lambda w, n, z, k: (w, n.double(), z, k), "norms"),
+        (lambda w, n, z, k: (w, n, z[:1], k), "null_norms"),
+        (lambda w, n, z, k: (w, n, z.half(), k), "null_norms"),
+        (lambda w, n, z, k: (w, n, z, -1), "k"),
+        (lambda w, n, z, k: (w, n, z, 10), "k"),
+    ],
+)
+def test_validation_errors(change, match):
+    weight, norms, null = torch.randn(4, 9), torch.rand(3, 9), torch.rand(3, 9)
+    with pytest.raises(ValueError, match=match):
+        wanda_mask(*change(weight, norms, null, 2))
+
+
+@pytest.mark.parametrize("bad", (float("nan"), float("inf"), float("-inf")))
+@pytest.mark.parametrize("which", ("weight", "norms", "null_norms"))
+def test_non_finite_inputs(bad, which):
+    args = {"weight": torch.randn(4, 9), "norms": torch.rand(3, 9), "null_norms": torch.rand(3, 9)}
+    args[which][1, 2] = bad
+    with pytest.raises(ValueError, match=f"wanda_mask: {which} contains? NaN or inf"):
+        wanda_mask(args["weight"], args["norms"], args["null_norms"], 2)
+
+
+# --- torch.library ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_null", (True, False))
+def test_opcheck(with_null):
+    gen = torch.Generator().manual_seed(2)
+    weight, norms, null = make_inputs(gen, 5, 13, 3, with_null=with_null)
+    torch.library.opcheck(torch.ops.memcore.wanda_mask.default, (weight, norms, null, 3, True))
+    torch.library.opcheck(torch.ops.memcore.wanda_mask.default, (weight.half(), norms, null, 4), {"largest": False})
+
+
+def test_fake_shape():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        out = wanda_mask(torch.empty(6, 13, dtype=torch.bfloat16), torch.empty(2, 13), None, 3)
+    assert out.dtype == torch.uint8 and tuple(out.shape) == (6, 2)
