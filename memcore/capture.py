@@ -1,10 +1,13 @@
 """Capture hooks: statistics of every target Linear's input, per denoiser call, on the device.
 
-Two kinds of diffusers ``ModelHook`` share one :class:`CaptureState`:
+Diffusers ``ModelHook`` objects sharing one :class:`CaptureState`:
 
 - a counter on the denoiser, which advances the call index before each denoiser call;
-- a statistics hook on each target Linear, which adds the statistic of its input X (SPEC section 2)
-  to ``state.accumulators[layer][call_index]`` with :func:`memcore.ops.sqnorm_accumulate`.
+- on each target whose input is a GEGLU's output, a hook that replaces that GEGLU's forward with
+  :func:`memcore.ops.geglu_accumulate`, which adds the statistic of its output X (SPEC section 2) to
+  ``state.accumulators[layer][call_index]`` while computing X: no extra pass over X;
+- on any other target Linear, a hook that adds the statistic of its input with
+  :func:`memcore.ops.sqnorm_accumulate`.
 
 Nothing is copied to the host. :func:`apply_capture` attaches the hooks and always removes them.
 """
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from memcore.ops import sqnorm_accumulate
+from memcore.ops import geglu_accumulate, sqnorm_accumulate
 from memcore.targets import Target
 
 HOOK_NAME = "memcore_capture"
@@ -88,17 +91,47 @@ class InputStatisticsHook(ModelHook):
         return args, kwargs
 
 
+class FusedGegluHook(ModelHook):
+    """Replaces a GEGLU's forward: proj, then GEGLU and the statistic of its output in one op."""
+
+    def __init__(self, layer: str, state: CaptureState):
+        super().__init__()
+        self.layer = layer
+        self.state = state
+
+    def new_forward(self, module, hidden_states, *args, **kwargs):
+        state = self.state
+        projected = module.proj(hidden_states)
+        if not 0 <= state.call_index < state.num_calls:
+            h, gate = projected.chunk(2, dim=-1)
+            return h * module.gelu(gate)
+        start, end = state.row_range(projected)
+        return geglu_accumulate(projected, state.accumulators[self.layer][state.call_index], start, end, state.token_norm)
+
+
 @contextlib.contextmanager
-def apply_capture(denoiser: torch.nn.Module, targets: list[Target], state: CaptureState) -> Iterator[CaptureState]:
-    """Attach the capture hooks for the duration of the block; they are removed even on error."""
+def apply_capture(
+    denoiser: torch.nn.Module, targets: list[Target], state: CaptureState, fused: bool | None = None
+) -> Iterator[CaptureState]:
+    """Attach the capture hooks for the duration of the block; they are removed even on error.
+
+    With ``fused``, targets fed by a GEGLU collect inside the fused GEGLU op; otherwise every target
+    collects from its input. The default fuses on CUDA only: on the CPU, PyTorch's vectorized GEGLU
+    followed by the C++ statistic is faster than the fused C++ GEGLU (scalar erf; docs/benchmarks.md).
+    """
+    if fused is None:
+        fused = next(denoiser.parameters()).device.type == "cuda"
     hooked: list[torch.nn.Module] = []
     try:
         HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(CallCounterHook(state), HOOK_NAME)
         hooked.append(denoiser)
         for target in targets:
-            registry = HookRegistry.check_if_exists_or_initialize(target.linear)
-            registry.register_hook(InputStatisticsHook(target.name, state), HOOK_NAME)
-            hooked.append(target.linear)
+            if fused and target.geglu is not None:
+                module, hook = target.geglu, FusedGegluHook(target.name, state)
+            else:
+                module, hook = target.linear, InputStatisticsHook(target.name, state)
+            HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
+            hooked.append(module)
         yield state
     finally:
         for module in hooked:

@@ -20,10 +20,15 @@ _EXECUTION_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
 @dataclass(frozen=True)
 class Target:
-    """One Linear whose input statistics and weights are scored."""
+    """One Linear whose input statistics and weights are scored.
+
+    ``geglu`` is the diffusers GEGLU whose output is this Linear's input (through inactive dropout
+    only), when there is one: capture can then compute the statistics inside a fused GEGLU.
+    """
 
     name: str
     linear: nn.Linear
+    geglu: nn.Module | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -32,6 +37,7 @@ class Target:
 
 def find_targets(denoiser: nn.Module) -> list[Target]:
     """The last Linear of each ``FeedForward`` in ``denoiser``, in forward-execution order."""
+    from diffusers.models.activations import GEGLU
     from diffusers.models.attention import FeedForward
 
     found = []
@@ -39,8 +45,14 @@ def find_targets(denoiser: nn.Module) -> list[Target]:
         if not isinstance(module, FeedForward):
             continue
         linears = [i for i, layer in enumerate(module.net) if isinstance(layer, nn.Linear)]
-        if linears:
-            found.append(Target(f"{name}.net.{linears[-1]}", module.net[linears[-1]]))
+        if not linears:
+            continue
+        last = linears[-1]
+        first = module.net[0]
+        between = list(module.net)[1:last]
+        feeds_directly = last > 0 and all(isinstance(m, nn.Dropout) and (m.p == 0 or not m.training) for m in between)
+        geglu = first if type(first) is GEGLU and feeds_directly else None
+        found.append(Target(f"{name}.net.{last}", module.net[last], geglu))
     if not found:
         raise MemcoreError(f"{type(denoiser).__name__}: no transformer feed-forward layers found")
     # sorted() is stable: blocks keep their registration order within down, mid and up.

@@ -2,10 +2,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 # Tests never touch the network, and transformers' import-time notices are noise here.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Without a GPU the Triton kernels are tested in the interpreter. Triton reads this when it is first
+# imported (diffusers imports it during collection), so it is set here, before anything else.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -10,19 +10,29 @@ from memcore.stats import collect_stats
 from memcore.targets import find_targets
 
 
-def stored_inputs(pipe, prompts, num_calls=None, steps=None):
-    """Inputs of every target Linear per denoiser call, kept by plain torch hooks: {(layer, call): X}."""
+def stored_inputs(pipe, prompts, steps=None):
+    """Inputs of every target Linear per denoiser call of a full generation: {(layer, call): X}.
+
+    Kept by plain torch hooks while memcore's capture hooks run too, so that X is what the model
+    computes under capture (the fused GEGLU's output rounds like, not bit-for-bit as, PyTorch's).
+    """
+    from memcore.capture import CaptureState, apply_capture
+
     net = denoiser(pipe)
+    targets = find_targets(net)
     calls = [-1]
     kept = {}
     handles = [net.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))]
-    for target in find_targets(net):
+    for target in targets:
         def keep(module, args, name=target.name):
             kept[(name, calls[0])] = args[0].detach().clone()
         handles.append(target.linear.register_forward_pre_hook(keep))
     generation = resolve_generation(pipe, LocalizeConfig(steps=steps))
+    calls_total = len(generation.call_timesteps)
+    state = CaptureState(num_calls=calls_total)
+    state.start_run({t.name: torch.zeros(calls_total, t.linear.in_features) for t in targets})
     try:
-        with torch.no_grad():
+        with torch.no_grad(), apply_capture(net, targets, state):
             pipe(
                 prompt=prompts,
                 num_inference_steps=generation.steps,
@@ -123,9 +133,30 @@ def test_hooks_are_removed_when_the_run_fails(tiny_pipe, prompts):
             collect_stats(tiny_pipe, prompts, LocalizeConfig(timesteps=3, progress=False))
     finally:
         handle.remove()
-    for module in [net, *(t.linear for t in find_targets(net))]:
+    for module in net.modules():
         registry = getattr(module, "_diffusers_hook", None)
         assert registry is None or registry.get_hook("memcore_capture") is None
     # and a later run works and is unaffected
     stats = collect_stats(tiny_pipe, prompts, LocalizeConfig(timesteps=1, progress=False))
     assert all(torch.isfinite(acc).all() and (acc > 0).any() for acc in stats.mem.values())
+
+
+def test_fused_geglu_capture_equals_input_hooks(tiny_pipe, prompts):
+    from memcore.capture import CaptureState, apply_capture
+    from memcore.driver import is_guided, run_first_calls
+
+    net = tiny_pipe.unet
+    targets = find_targets(net)
+    assert all(t.geglu is not None for t in targets)  # SD: every feed-forward is GEGLU -> dropout -> Linear
+    generation = resolve_generation(tiny_pipe, LocalizeConfig(height=64, width=64))
+    latent = initial_latent(tiny_pipe, generation)
+    results = {}
+    for fused in (True, False):
+        accumulators = {t.name: torch.zeros(3, t.linear.in_features) for t in targets}
+        state = CaptureState(num_calls=3, guided=is_guided(tiny_pipe, generation))
+        with torch.no_grad(), apply_capture(net, targets, state, fused=fused):
+            state.start_run(accumulators)
+            run_first_calls(tiny_pipe, prompts, latent, generation, 3)
+        results[fused] = accumulators
+    for name in results[True]:
+        torch.testing.assert_close(results[True][name], results[False][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -2,6 +2,8 @@
 
 Masks compare exactly (packed bytes), over odd widths, ties, zero and negative weights, -0.0,
 k in {0, 1, in}, both selection directions, with and without null norms, fp16/bf16 weights.
+The exactness tests run on every CPU backend (``reference`` and the C++ ``cpu``); the ``cpu``
+backend is also compared byte for byte with the reference on the 16 SD 1.5 layer shapes.
 """
 
 from __future__ import annotations
@@ -10,9 +12,22 @@ import numpy as np
 import pytest
 import torch
 
-from memcore.ops.wanda_mask import pack_mask, unpack_mask, wanda_mask, wanda_mask_reference
+from memcore.ops import use_backend
+from memcore.ops._ext import extension
+from memcore.ops.wanda_mask import _available, pack_mask, unpack_mask, wanda_mask, wanda_mask_reference
 
 ODD_WIDTHS = (1, 7, 8, 9, 13, 33, 100, 130)
+
+needs_ext = pytest.mark.skipif(
+    extension() is None, reason="memcore._C is not built (pip install -e . builds it); the cpu backend is absent"
+)
+
+
+@pytest.fixture(params=["reference", pytest.param("cpu", marks=needs_ext)])
+def backend(request):
+    """Run the test body with the wanda_mask backend forced."""
+    with use_backend(request.param):
+        yield request.param
 
 
 def brute_force_mask(weight: torch.Tensor, norms: torch.Tensor, null_norms, k: int, largest: bool) -> np.ndarray:
@@ -109,7 +124,7 @@ def test_pack_unpack_validation():
 @pytest.mark.parametrize("cols", ODD_WIDTHS)
 @pytest.mark.parametrize("t", (1, 3, 10))
 @pytest.mark.parametrize("with_null", (True, False))
-def test_random(cols, t, with_null):
+def test_random(backend, cols, t, with_null):
     gen = torch.Generator().manual_seed(1000 * cols + 10 * t + with_null)
     weight, norms, null = make_inputs(gen, 11, cols, t, with_null=with_null)
     for k in sorted({0, 1, max(cols // 100, 1), cols // 3, cols}):
@@ -120,14 +135,14 @@ def test_random(cols, t, with_null):
 @pytest.mark.parametrize("cols", (7, 9, 13, 33, 100))
 @pytest.mark.parametrize("with_null", (True, False))
 @pytest.mark.parametrize("largest", (True, False))
-def test_ties(cols, with_null, largest):
+def test_ties(backend, cols, with_null, largest):
     gen = torch.Generator().manual_seed(cols + 7 * with_null + 3 * largest)
     weight, norms, null = make_inputs(gen, 16, cols, 3, ties=True, with_null=with_null)
     for k in sorted({1, 2, cols // 4, cols // 2, cols - 1, cols}):
         check(weight, norms, null, k, largest)
 
 
-def test_ties_lower_column_wins():
+def test_ties_lower_column_wins(backend):
     weight = torch.ones(2, 9)
     norms = torch.ones(1, 9)
     norms[0, 4] = 2.0
@@ -139,7 +154,7 @@ def test_ties_lower_column_wins():
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float64))
 @pytest.mark.parametrize("with_null", (True, False))
-def test_weight_dtypes(dtype, with_null):
+def test_weight_dtypes(backend, dtype, with_null):
     gen = torch.Generator().manual_seed(7)
     weight, norms, null = make_inputs(gen, 13, 37, 3, dtype=dtype, with_null=with_null)
     for k in (1, 5, 37):
@@ -147,14 +162,14 @@ def test_weight_dtypes(dtype, with_null):
             check(weight, norms, null, k, largest)
 
 
-def test_float64_weights_are_rounded_to_float32_first():
+def test_float64_weights_are_rounded_to_float32_first(backend):
     # 1 + 2^-30 rounds to 1.0 in float32: the two columns tie and the lower index wins.
     weight = torch.tensor([[1.0, 1.0 + 2.0**-30]], dtype=torch.float64)
     norms = torch.ones(1, 2)
     assert unpack_mask(wanda_mask(weight, norms, None, 1), 2).tolist() == [[True, False]]
 
 
-def test_zero_weights_never_selected_with_null_norms():
+def test_zero_weights_never_selected_with_null_norms(backend):
     gen = torch.Generator().manual_seed(3)
     weight = torch.randn(16, 33, generator=gen)
     weight[:, ::3] = 0.0
@@ -168,7 +183,7 @@ def test_zero_weights_never_selected_with_null_norms():
             check(weight, norms, null, k, largest)
 
 
-def test_zero_weights_without_null_norms_only_by_rank():
+def test_zero_weights_without_null_norms_only_by_rank(backend):
     # Row 0: two nonzero weights, so k = 3 must pick one zero column (the lowest index, column 0).
     weight = torch.tensor([[0.0, 2.0, -0.0, 0.0, -3.0], [1.0, 0.0, 2.0, 3.0, 4.0]])
     norms = torch.ones(1, 5)
@@ -181,7 +196,7 @@ def test_zero_weights_without_null_norms_only_by_rank():
             check(weight, norms, None, k, largest)
 
 
-def test_null_condition_is_strict_and_on_products():
+def test_null_condition_is_strict_and_on_products(backend):
     weight = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
     norms = torch.tensor([[2.0, 2.0, 2.0, 5.0]])
     null = torch.tensor([[2.0, 1.0, 3.0, 1.0]])  # equal, smaller, larger, smaller-but-zero-weight
@@ -190,13 +205,13 @@ def test_null_condition_is_strict_and_on_products():
     check(weight, norms, null, 4, True)
 
 
-def test_or_over_t():
+def test_or_over_t(backend):
     weight = torch.ones(1, 4)
     norms = torch.tensor([[3.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 3.0]])
     assert unpack_mask(wanda_mask(weight, norms, None, 1), 4).tolist() == [[True, False, False, True]]
 
 
-def test_k_zero_and_k_all():
+def test_k_zero_and_k_all(backend):
     gen = torch.Generator().manual_seed(5)
     weight, norms, null = make_inputs(gen, 6, 13, 3)
     assert not unpack_mask(wanda_mask(weight, norms, null, 0), 13).any()
@@ -206,7 +221,7 @@ def test_k_zero_and_k_all():
     assert torch.equal(unpack_mask(wanda_mask(weight, norms, null, 13), 13), want)
 
 
-def test_sd_layer_shape_against_lexsort():
+def test_sd_layer_shape_against_lexsort(backend):
     # A real SD 1.x layer size (320 x 1280, tau = 10, s = 0.01): a vectorized numpy check.
     gen = torch.Generator().manual_seed(11)
     weight = torch.randn(320, 1280, generator=gen).to(torch.float16)
@@ -223,6 +238,130 @@ def test_sd_layer_shape_against_lexsort():
         np.put_along_axis(sel, top, True, axis=1)
         want |= sel & (s_mem > w * null[t].numpy())
     assert_mask_equal(wanda_mask(weight, norms, null, k), np.packbits(want, axis=1, bitorder="little"), 1280)
+
+
+# --- the C++ backend against the reference, byte for byte ----------------------------------------
+
+# SPEC section 1: the 16 ff.net.2 layers of SD 1.5, [out, in]
+SD15_LAYERS = (
+    [(f"down_blocks.0.attentions.{i}", 320, 1280) for i in range(2)]
+    + [(f"down_blocks.1.attentions.{i}", 640, 2560) for i in range(2)]
+    + [(f"down_blocks.2.attentions.{i}", 1280, 5120) for i in range(2)]
+    + [("mid_block.attentions.0", 1280, 5120)]
+    + [(f"up_blocks.1.attentions.{i}", 1280, 5120) for i in range(3)]
+    + [(f"up_blocks.2.attentions.{i}", 640, 2560) for i in range(3)]
+    + [(f"up_blocks.3.attentions.{i}", 320, 1280) for i in range(3)]
+)
+
+
+def assert_cpu_matches_reference(weight, norms, null, k, largest=True, row_step=1):
+    """Byte equality; rows are independent, so the reference may be evaluated on every row_step-th row."""
+    with use_backend("cpu"):
+        got = wanda_mask(weight, norms, null, k, largest)[::row_step]
+    want = wanda_mask_reference(weight[::row_step], norms, null, k, largest)
+    if not torch.equal(got, want):
+        cols = weight.shape[1]
+        diff = (unpack_mask(got, cols) != unpack_mask(want, cols)).nonzero()
+        raise AssertionError(
+            f"k={k} largest={largest} null={null is not None}: {len(diff)} mask bits differ, "
+            f"first (row, col): {diff[:10].tolist()}"
+        )
+
+
+@needs_ext
+def test_cpu_backend_is_available_and_preferred():
+    from memcore.ops import _backend
+
+    assert "cpu" in _available(torch.device("cpu"))
+    name, _ = _backend.select("wanda_mask", torch.device("cpu"), _available(torch.device("cpu")))
+    assert name == "cpu" or _backend.forced_backend() is not None
+
+
+@needs_ext
+@pytest.mark.parametrize("t", (1, 10))
+@pytest.mark.parametrize("index", range(len(SD15_LAYERS)), ids=[name for name, _, _ in SD15_LAYERS])
+def test_cpu_sd15_layers(index, t):
+    _, out, cols = SD15_LAYERS[index]
+    gen = torch.Generator().manual_seed(100 * index + t)
+    dtype = (torch.float16, torch.float32, torch.bfloat16)[index % 3]
+    weight = torch.randn(out, cols, generator=gen).to(dtype)
+    norms = torch.rand(t, cols, generator=gen) * 4
+    null = torch.rand(t, cols, generator=gen) * 4 if index % 2 == 0 else None
+    # the whole layer on the cpu backend; the (slow) reference on a quarter of its rows when t = 10
+    assert_cpu_matches_reference(weight, norms, null, cols // 100, largest=index % 4 != 3, row_step=1 if t == 1 else 4)
+
+
+@needs_ext
+def test_cpu_sd15_all_51_calls():
+    gen = torch.Generator().manual_seed(51)
+    weight = torch.randn(320, 1280, generator=gen).to(torch.float16)
+    norms = torch.rand(51, 1280, generator=gen) * 4
+    null = torch.rand(51, 1280, generator=gen) * 4
+    assert_cpu_matches_reference(weight, norms, null, 12)
+
+
+@needs_ext
+@pytest.mark.parametrize("cols", (255, 1001, 2047))
+@pytest.mark.parametrize("ties", (False, True))
+def test_cpu_wide_odd_rows(cols, ties):
+    # wide enough for the group-maximum bound of the small-k path, not a multiple of 8 or 16
+    gen = torch.Generator().manual_seed(cols + ties)
+    weight, norms, null = make_inputs(gen, 16, cols, 3, ties=ties)
+    for k in sorted({1, cols // 100, cols // 16, cols // 3, cols - 1}):
+        for largest in (True, False):
+            for z in (null, None):
+                assert_cpu_matches_reference(weight, norms, z, k, largest)
+
+
+@needs_ext
+def test_cpu_constant_rows_are_all_ties():
+    weight = torch.full((5, 1000), 0.5)
+    weight[1] = 0.0
+    norms = torch.ones(2, 1000)
+    for k in (1, 10, 999):
+        for largest in (True, False):
+            assert_cpu_matches_reference(weight, norms, None, k, largest)
+            assert_cpu_matches_reference(weight, norms, norms * 0.5, k, largest)
+
+
+@needs_ext
+def test_cpu_negative_and_signed_zero_norms():
+    # validation only asks for finite norms: negative norms and -0.0 scores must order as floats do
+    gen = torch.Generator().manual_seed(9)
+    weight, _, _ = make_inputs(gen, 12, 301, 1)
+    norms = torch.randn(3, 301, generator=gen)
+    norms[0, ::5] = -0.0
+    norms[1, ::7] = 0.0
+    null = torch.randn(3, 301, generator=gen)
+    for k in (1, 3, 18, 100, 301):
+        for largest in (True, False):
+            for z in (null, None):
+                assert_cpu_matches_reference(weight, norms, z, k, largest)
+
+
+@needs_ext
+def test_cpu_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(200, 40, generator=gen).t()  # [40, 200], column-major
+    norms = (torch.rand(3, 400, generator=gen) * 2)[:, ::2]
+    null = (torch.rand(3, 400, generator=gen) * 2)[:, 1::2]
+    assert not (weight.is_contiguous() or norms.is_contiguous() or null.is_contiguous())
+    for k in (2, 50):
+        assert_cpu_matches_reference(weight, norms, null, k)
+
+
+@needs_ext
+def test_cpu_native_argument_errors():
+    ext = extension()
+    weight, norms = torch.randn(4, 9), torch.rand(2, 9)
+    mask = torch.empty(4, 2, dtype=torch.uint8)
+    args = [weight.data_ptr(), "float32", 4, 9, norms.data_ptr(), 0, 2, 3, True, mask.data_ptr()]
+    ext.wanda_mask_cpu(*args)
+    assert torch.equal(mask, wanda_mask_reference(weight, norms, None, 3))
+    with pytest.raises(ValueError, match="k=10"):
+        ext.wanda_mask_cpu(*args[:7], 10, *args[8:])
+    with pytest.raises(ValueError, match="dtype"):
+        ext.wanda_mask_cpu(args[0], "int8", *args[2:])
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -262,7 +401,7 @@ def test_non_finite_inputs(bad, which):
 
 
 @pytest.mark.parametrize("with_null", (True, False))
-def test_opcheck(with_null):
+def test_opcheck(backend, with_null):
     gen = torch.Generator().manual_seed(2)
     weight, norms, null = make_inputs(gen, 5, 13, 3, with_null=with_null)
     torch.library.opcheck(torch.ops.memcore.wanda_mask.default, (weight, norms, null, 3, True))

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
+import importlib.util
 import os
 from collections.abc import Callable, Iterator, Mapping
 
@@ -66,6 +68,23 @@ def forced_backend() -> str | None:
 
 
 Impl = Callable[..., object]
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether Triton kernels can run on ``device``: CUDA, or the CPU under ``TRITON_INTERPRET=1``.
+
+    Only looks for the package; triton itself is imported by the first kernel launch.
+    """
+    if not _triton_installed():
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 def select(op: str, device: torch.device, available: Mapping[str, Impl]) -> tuple[str, Impl]:

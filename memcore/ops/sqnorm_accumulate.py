@@ -72,8 +72,16 @@ def _cuda(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, toke
         )
 
 
+def _triton(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
+    from memcore._kernels.sqnorm_accumulate import sqnorm_accumulate_triton
+
+    sqnorm_accumulate_triton(_rows_2d(x), acc, row_start, row_end, token_norm)
+
+
 def _available(device: torch.device) -> dict[str, _backend.Impl]:
     impls: dict[str, _backend.Impl] = {"reference": sqnorm_accumulate_reference}
+    if _backend.triton_usable(device):
+        impls["triton"] = _triton
     ext = extension()
     if ext is not None:
         if device.type == "cpu":

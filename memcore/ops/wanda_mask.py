@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 
 from memcore.ops import _backend
+from memcore.ops._ext import extension
+from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES
 
 OP_NAME = "memcore::wanda_mask"
 
@@ -112,8 +114,62 @@ def wanda_mask_reference(
     return pack_mask(mask)
 
 
+def _native_args(weight, norms, null_norms, k, largest):
+    """Contiguous operands and the native kernels' argument list, with a fresh uint8 output."""
+    if weight.dtype not in NATIVE_DTYPES:
+        weight = weight.to(torch.float32)  # any other float type is exactly representable, as the reference does
+    weight = weight.contiguous()
+    norms = norms.contiguous()
+    null_norms = None if null_norms is None else null_norms.contiguous()
+    out, in_features = weight.shape
+    mask = torch.empty((out, (in_features + _BITS - 1) // _BITS), dtype=torch.uint8, device=weight.device)
+    args = (
+        weight.data_ptr(),
+        NATIVE_DTYPES[weight.dtype],
+        out,
+        in_features,
+        norms.data_ptr(),
+        0 if null_norms is None else null_norms.data_ptr(),
+        norms.shape[0],
+        k,
+        largest,
+        mask.data_ptr(),
+    )
+    # keep the (possibly new) contiguous tensors alive until the kernel has read them
+    return mask, args, (weight, norms, null_norms)
+
+
+def _cpu(weight, norms, null_norms, k, largest):
+    mask, args, _alive = _native_args(weight, norms, null_norms, k, largest)
+    extension().wanda_mask_cpu(*args)
+    return mask
+
+
+def _cuda(weight, norms, null_norms, k, largest):
+    mask, args, _alive = _native_args(weight, norms, null_norms, k, largest)
+    with torch.cuda.device(weight.device):
+        stream = torch.cuda.current_stream(weight.device).cuda_stream
+        extension().wanda_mask_cuda(*args, stream)
+    return mask
+
+
+def _triton(weight, norms, null_norms, k, largest):
+    from memcore._kernels.wanda_mask import wanda_mask_triton
+
+    return wanda_mask_triton(weight, norms, null_norms, k, largest)
+
+
 def _available(device: torch.device) -> dict[str, _backend.Impl]:
-    return {"reference": wanda_mask_reference}
+    impls: dict[str, _backend.Impl] = {"reference": wanda_mask_reference}
+    if _backend.triton_usable(device):
+        impls["triton"] = _triton
+    ext = extension()
+    if ext is not None:
+        if device.type == "cpu":
+            impls["cpu"] = _cpu
+        elif device.type == "cuda" and ext.compiled_with_cuda():
+            impls["cuda"] = _cuda
+    return impls
 
 
 def _check_shapes(weight: torch.Tensor, norms: torch.Tensor, null_norms: torch.Tensor | None, k: int) -> None:

@@ -1,0 +1,175 @@
+"""Triton kernel of memcore::wanda_mask (see ``memcore/ops/wanda_mask.py``); bit-exact with its reference.
+
+Math, for row r of ``W[out, in]`` and each t < T (SPEC section 3)::
+
+    S_mem[j]  = |W[r, j]| * norms[t, j]            (float32 product)
+    top[j]    = j among the k largest (LARGEST) or k smallest S_mem; ties: the lower column wins
+    M_t[j]    = top[j] AND S_mem[j] > |W[r, j]| * null_norms[t, j]     (HAS_NULL only)
+    mask[r]   = OR over t of M_t
+
+Each program takes ROWS rows (one for rows of 4096 columns or more) as a [ROWS, BLOCK] block,
+BLOCK = next_power_of_2(in) >= 8 (SD 1.x: 2048, 4096, 8192). |W| is loaded once (upcast to
+float32) and kept in registers for every t; no score matrix is ever written. At the end the
+[ROWS, BLOCK] mask is viewed as [ROWS, BLOCK / 8, 8] and each byte is a shifted sum of its 8 bits.
+
+Top k without sorting: each score is mapped to a uint32 key whose unsigned order is the float order
+(the usual sign-flip of the IEEE bit pattern, after turning -0.0 into +0.0 so that the two zeros
+tie as they compare equal; for the k smallest the key is complemented). The k-th best key ``kth``
+is the largest v with ``count(key >= v) >= k``; it is built bit by bit from the top, 32 counting
+steps over the row. Then the selection is every key beyond ``kth`` plus, in column order, the first
+``k - count(key > kth)`` keys equal to it (a cumulative sum over the row): exactly the reference's
+tie rule. Scores need not be >= 0 (the op accepts any finite norms).
+
+Memory layout: ``weight`` any float dtype with strides (stride_wr, stride_wc); ``norms`` and
+``null_norms`` contiguous float32 ``[T, in]``; the output is ``uint8[out, ceil(in / 8)]`` row-major,
+bit i (least significant first) of byte b holding column ``8 b + i``, padding bits zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# bits per packed byte
+BITS = 8
+# widest row: Triton's largest block. Rows beyond ~16K columns (SDXL: 10240) spill registers.
+MAX_IN_FEATURES = 1 << 20
+INT32_MIN = tl.constexpr(-(1 << 31))
+# Elements of one [ROWS, BLOCK] block: rows narrower than this share a program.
+TILE_ELEMENTS = 4096
+
+
+@triton.jit
+def _order_key(s, LARGEST: tl.constexpr):
+    """uint32 keys of fp32 scores: a larger key is a better score (larger, or smaller if not LARGEST)."""
+    s = tl.where(s == 0.0, 0.0, s)  # -0.0 == +0.0: give them one bit pattern
+    bits = s.to(tl.int32, bitcast=True)
+    key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed int order == float order
+    if not LARGEST:
+        key = ~key
+    return (key ^ INT32_MIN).to(tl.uint32, bitcast=True)  # signed -> unsigned order
+
+
+@triton.jit
+def _select_k(key, valid, k, BITS_IN_KEY: tl.constexpr):
+    """Per row of a [ROWS, BLOCK] block of keys, its k best keys (ties to the lower column), as bool."""
+    kth = tl.zeros([key.shape[0]], dtype=tl.uint32)
+    for i in tl.static_range(BITS_IN_KEY):
+        cand = kth | (tl.full([], 1, dtype=tl.uint32) << (BITS_IN_KEY - 1 - i))
+        count = tl.sum((valid & (key >= cand[:, None])).to(tl.int32), axis=1)
+        kth = tl.where(count >= k, cand, kth)
+    beyond = valid & (key > kth[:, None])
+    tied = valid & (key == kth[:, None])
+    needed = k - tl.sum(beyond.to(tl.int32), axis=1)
+    rank = tl.cumsum(tied.to(tl.int32), axis=1)  # 1-based rank of each tie in column order
+    return beyond | (tied & (rank <= needed[:, None]))
+
+
+@triton.jit
+def _wanda_mask_kernel(
+    w_ptr,
+    norms_ptr,
+    null_ptr,
+    out_ptr,
+    out_features,
+    in_features,
+    n_t,
+    k,
+    stride_wr,
+    stride_wc,
+    nbytes,
+    HAS_NULL: tl.constexpr,
+    LARGEST: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    col = tl.arange(0, BLOCK)
+    r_mask = rows < out_features
+    c_mask = col < in_features
+    valid = r_mask[:, None] & c_mask[None, :]
+    w = tl.load(w_ptr + rows[:, None] * stride_wr + col[None, :] * stride_wc, mask=valid, other=0.0)
+    abs_w = tl.abs(w.to(tl.float32))
+    mask = tl.zeros([ROWS, BLOCK], dtype=tl.int1)
+    for t in range(n_t):
+        norm = tl.load(norms_ptr + t * in_features + col, mask=c_mask, other=0.0)
+        s_mem = abs_w * norm[None, :]
+        selected = _select_k(_order_key(s_mem, LARGEST), valid, k, 32)
+        if HAS_NULL:
+            null = tl.load(null_ptr + t * in_features + col, mask=c_mask, other=0.0)
+            selected = selected & (s_mem > abs_w * null[None, :])
+        mask = mask | selected
+    # pack: column 8 b + i -> bit i of byte b
+    bits = tl.reshape(mask.to(tl.int32), [ROWS, BLOCK // 8, 8]) << tl.arange(0, 8)[None, None, :]
+    packed = tl.sum(bits, axis=2).to(tl.uint8)
+    byte = tl.arange(0, BLOCK // 8)
+    tl.store(
+        out_ptr + rows[:, None] * nbytes + byte[None, :], packed, mask=r_mask[:, None] & (byte < nbytes)[None, :]
+    )
+
+
+def _blocks(out_features: int, in_features: int) -> tuple[int, int]:
+    """(ROWS, BLOCK): a row padded to a power of two >= 8 columns, rows per program up to TILE_ELEMENTS."""
+    block = max(BITS, triton.next_power_of_2(in_features))
+    rows = max(1, min(TILE_ELEMENTS // block, triton.next_power_of_2(out_features)))
+    return rows, block
+
+
+def wanda_mask_triton(
+    weight: torch.Tensor,
+    norms: torch.Tensor,
+    null_norms: torch.Tensor | None,
+    k: int,
+    largest: bool = True,
+) -> torch.Tensor:
+    """The packed mask ``uint8[out, ceil(in / 8)]`` of SPEC section 3 (see the module docstring)."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(
+            "wanda_mask_triton: weight must be a 2-D floating tensor, "
+            f"got {weight.dtype} of shape {tuple(weight.shape)}"
+        )
+    out_features, in_features = weight.shape
+    if in_features > MAX_IN_FEATURES:
+        raise ValueError(f"wanda_mask_triton: in_features={in_features} exceeds {MAX_IN_FEATURES}")
+    if norms.dtype != torch.float32 or norms.dim() != 2 or norms.shape[1] != in_features or norms.shape[0] < 1:
+        raise ValueError(
+            f"wanda_mask_triton: norms must be float32 [T >= 1, {in_features}], "
+            f"got {norms.dtype} of shape {tuple(norms.shape)}"
+        )
+    if null_norms is not None and (null_norms.dtype != torch.float32 or null_norms.shape != norms.shape):
+        raise ValueError(
+            f"wanda_mask_triton: null_norms must be float32 of shape {tuple(norms.shape)}, "
+            f"got {null_norms.dtype} of shape {tuple(null_norms.shape)}"
+        )
+    for name, tensor in (("norms", norms), ("null_norms", null_norms)):
+        if tensor is not None and tensor.device != weight.device:
+            raise ValueError(f"wanda_mask_triton: {name} is on {tensor.device} but weight is on {weight.device}")
+    if not 0 <= k <= in_features:
+        raise ValueError(f"wanda_mask_triton: k must be in [0, {in_features}], got {k}")
+    nbytes = (in_features + BITS - 1) // BITS
+    if k == 0 or out_features == 0:
+        return torch.zeros((out_features, nbytes), dtype=torch.uint8, device=weight.device)
+    out = torch.empty((out_features, nbytes), dtype=torch.uint8, device=weight.device)
+    norms = norms.contiguous()
+    null = norms if null_norms is None else null_norms.contiguous()  # a dummy pointer without null norms
+    rows, block = _blocks(out_features, in_features)
+    _wanda_mask_kernel[(triton.cdiv(out_features, rows),)](
+        weight,
+        norms,
+        null,
+        out,
+        out_features,
+        in_features,
+        norms.shape[0],
+        k,
+        weight.stride(0),
+        weight.stride(1),
+        nbytes,
+        HAS_NULL=null_norms is not None,
+        LARGEST=bool(largest),
+        ROWS=rows,
+        BLOCK=block,
+        num_warps=max(1, min(16, rows * block // 256)),
+    )
+    return out

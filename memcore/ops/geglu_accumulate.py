@@ -1,0 +1,176 @@
+"""geglu_accumulate: diffusers' GEGLU activation fused with the statistic of its output.
+
+For the output P of a GEGLU's projection (``ff.net.0.proj``; any leading shape, last dim ``2 i``)::
+
+    h, g = P.chunk(2, -1)                 (h = P[..., :i], g = P[..., i:])
+    X    = h * gelu(g)                    (exact erf gelu, in P's dtype, as diffusers' GEGLU computes it)
+    acc[j] += sum over rows r in [row_start, row_end) of xhat[r, j]^2   (see sqnorm_accumulate)
+
+and returns X (shape ``P.shape[:-1] + (i,)``, P's dtype). X is the input of ``ff.net.2``, the layer
+memcore prunes (SPEC section 1), so one fused pass produces both the activation the model needs and
+the statistic of SPEC section 2 while X is in registers: no extra read of X (SPEC section 6).
+
+The statistic is that of X as returned, i.e. of the rounded output rows, so
+``geglu_accumulate(P, acc)`` adds exactly what ``sqnorm_accumulate(X, acc)`` would add.
+
+Backends: ``reference`` (PyTorch: diffusers' expression, then the float64 statistic), ``cpu``
+(C++/OpenMP) and ``cuda`` (CUDA kernel on the caller's stream) when the extension has them,
+``triton`` (CUDA, or the CPU under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from memcore.ops import _backend
+from memcore.ops._ext import extension
+from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES, sqnorm_accumulate_reference
+
+OP_NAME = "memcore::geglu_accumulate"
+
+
+def geglu_accumulate_reference(
+    proj_out: torch.Tensor,
+    acc: torch.Tensor,
+    row_start: int = 0,
+    row_end: int | None = None,
+    token_norm: bool = True,
+) -> torch.Tensor:
+    """The definition of the op: diffusers' GEGLU in P's dtype, then the float64 statistic of X."""
+    hidden_states, gate = proj_out.chunk(2, dim=-1)
+    x = hidden_states * F.gelu(gate)
+    sqnorm_accumulate_reference(x, acc, row_start, row_end, token_norm)
+    return x
+
+
+def _rows_2d(p: torch.Tensor) -> torch.Tensor:
+    p2 = p.reshape(-1, p.shape[-1])
+    return p2 if p2.is_contiguous() else p2.contiguous()
+
+
+def _native_args(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    p2 = _rows_2d(p)
+    out = torch.empty((p2.shape[0], p2.shape[1] // 2), dtype=p2.dtype, device=p2.device)
+    return p2, out
+
+
+def _cpu(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
+    p2, out = _native_args(p)
+    extension().geglu_accumulate_cpu(
+        p2.data_ptr(),
+        NATIVE_DTYPES[p2.dtype],
+        out.shape[0],
+        out.shape[1],
+        row_start,
+        row_end,
+        acc.data_ptr(),
+        out.data_ptr(),
+        token_norm,
+    )
+    return out
+
+
+def _cuda(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
+    p2, out = _native_args(p)
+    with torch.cuda.device(p2.device):
+        stream = torch.cuda.current_stream(p2.device).cuda_stream
+        extension().geglu_accumulate_cuda(
+            p2.data_ptr(),
+            NATIVE_DTYPES[p2.dtype],
+            out.shape[0],
+            out.shape[1],
+            row_start,
+            row_end,
+            acc.data_ptr(),
+            out.data_ptr(),
+            token_norm,
+            stream,
+        )
+    return out
+
+
+def _triton(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
+    from memcore._kernels.geglu_accumulate import geglu_accumulate_triton
+
+    return geglu_accumulate_triton(_rows_2d(p), acc, row_start, row_end, token_norm)
+
+
+def _available(device: torch.device) -> dict[str, _backend.Impl]:
+    impls: dict[str, _backend.Impl] = {"reference": geglu_accumulate_reference}
+    if _backend.triton_usable(device):
+        impls["triton"] = _triton
+    ext = extension()
+    if ext is not None:
+        if device.type == "cpu" and hasattr(ext, "geglu_accumulate_cpu"):
+            impls["cpu"] = _cpu
+        elif device.type == "cuda" and ext.compiled_with_cuda() and hasattr(ext, "geglu_accumulate_cuda"):
+            impls["cuda"] = _cuda
+    return impls
+
+
+def _validate(proj_out: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int | None) -> int:
+    """Dtype, shape, device and row-range checks (metadata only, shared with the fake); returns row_end."""
+    if proj_out.dtype not in NATIVE_DTYPES:
+        raise ValueError(
+            f"geglu_accumulate: proj_out must be float16, bfloat16, float32 or float64, got {proj_out.dtype}"
+        )
+    if proj_out.dim() < 1 or proj_out.shape[-1] == 0 or proj_out.shape[-1] % 2 != 0:
+        raise ValueError(
+            "geglu_accumulate: proj_out must have a non-empty, even last dimension (2 * inner), "
+            f"got shape {tuple(proj_out.shape)}"
+        )
+    inner = proj_out.shape[-1] // 2
+    if acc.dtype != torch.float32 or acc.dim() != 1 or acc.shape[0] != inner:
+        raise ValueError(
+            f"geglu_accumulate: acc must be a float32 vector of {inner} features (half of proj_out's last dim), "
+            f"got {acc.dtype} of shape {tuple(acc.shape)}"
+        )
+    if not acc.is_contiguous():
+        raise ValueError("geglu_accumulate: acc must be contiguous")
+    if acc.device != proj_out.device:
+        raise ValueError(f"geglu_accumulate: acc is on {acc.device} but proj_out is on {proj_out.device}")
+    rows = proj_out.numel() // proj_out.shape[-1]
+    end = rows if row_end is None else row_end
+    if not 0 <= row_start <= end <= rows:
+        raise ValueError(f"geglu_accumulate: row range [{row_start}, {row_end}) does not fit {rows} rows")
+    return end
+
+
+def _out_shape(proj_out: torch.Tensor) -> tuple[int, ...]:
+    return (*proj_out.shape[:-1], proj_out.shape[-1] // 2)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=("acc",))
+def geglu_accumulate(
+    proj_out: torch.Tensor,
+    acc: torch.Tensor,
+    row_start: int = 0,
+    row_end: int | None = None,
+    token_norm: bool = True,
+) -> torch.Tensor:
+    """GEGLU of ``proj_out`` (``h * gelu(g)``), adding the statistic of its rows [row_start, row_end) to acc.
+
+    Args:
+        proj_out: P, the GEGLU projection's output, any leading shape, last dim ``2 * inner``
+            (float16, bfloat16, float32 or float64).
+        acc: float32 accumulator of shape [inner] on P's device, updated in place.
+        row_start, row_end: the rows of X viewed as [-1, inner] whose statistic is added (default:
+            all); X is computed for every row.
+        token_norm: L2-normalize each row of X over features before squaring (SPEC section 2).
+
+    Returns:
+        X, of shape ``proj_out.shape[:-1] + (inner,)`` in P's dtype.
+    """
+    end = _validate(proj_out, acc, row_start, row_end)
+    shape = _out_shape(proj_out)
+    if proj_out.numel() == 0:
+        return proj_out.new_empty(shape)
+    _, impl = _backend.select("geglu_accumulate", proj_out.device, _available(proj_out.device))
+    return impl(proj_out, acc, row_start, end, token_norm).reshape(shape)
+
+
+@geglu_accumulate.register_fake
+def _(proj_out, acc, row_start=0, row_end=None, token_norm=True):
+    _validate(proj_out, acc, row_start, row_end)
+    return proj_out.new_empty(_out_shape(proj_out))

@@ -1,0 +1,72 @@
+"""Benchmark of wanda_mask over the 16 target layers of Stable Diffusion 1.5 (SPEC sections 3 and 6).
+
+One timed call masks all 16 layers (k = floor(0.01 * in)) for T call indices, with random weights
+(fp16 on CUDA, fp32 on the CPU) and random positive norms and null norms. Reading W once is the floor
+whatever T is: ``gbps`` in extra_info is the bytes of W over the median time (CUDA only).
+
+    pytest tests/bench/test_bench_wanda_mask.py --benchmark-only
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchutil import DEVICE, ON_CUDA, PROVIDERS, fastest, gbps, measure, record, require
+
+wanda = pytest.importorskip("memcore.ops.wanda_mask")
+from memcore.ops import use_backend  # noqa: E402
+
+# SPEC section 1: the ff.net.2 weights [out, in] of SD 1.5 in forward-execution order
+# (down_blocks.0-2 two each, mid_block one, up_blocks.1-3 three each)
+LAYERS = [(320, 1280)] * 2 + [(640, 2560)] * 2 + [(1280, 5120)] * 3 + [(1280, 5120)] * 3 + [(640, 2560)] * 3 + [
+    (320, 1280)
+] * 3
+SPARSITY = 0.01
+TS = (1, 10, 51)
+# The CPU reference takes about 6, 17 and 70 s per call at T = 1, 10, 51 on two cores: a few uncalibrated
+# rounds each, and T = 51 only for the fastest provider (the reference only when nothing else is built).
+CPU_REFERENCE_ROUNDS = {1: 3, 10: 2, 51: 1}
+
+
+@pytest.fixture(scope="module")
+def weights() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    dtype = torch.float16 if ON_CUDA else torch.float32
+    with torch.no_grad():
+        return [torch.randn(shape, generator=generator).to(DEVICE, dtype) for shape in LAYERS]
+
+
+def _norms(t: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    return (torch.rand(t, in_features, generator=generator) + 0.05).to(DEVICE)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("t", TS, ids=lambda t: f"T{t}")
+def test_wanda_mask(benchmark, weights, t, provider):
+    require(wanda, provider)
+    if not ON_CUDA and t == max(TS) and provider != fastest(wanda):
+        pytest.skip(f"T={t} on the CPU: only the fastest provider ({fastest(wanda)}) runs")
+    benchmark.group = f"wanda_mask: 16 SD 1.5 layers, T={t}"
+    generator = torch.Generator().manual_seed(t)
+    calls = [
+        (w, _norms(t, w.shape[1], generator), _norms(t, w.shape[1], generator), math.floor(SPARSITY * w.shape[1]))
+        for w in weights
+    ]
+
+    def run() -> None:
+        with use_backend(provider):
+            for weight, norms, null_norms, k in calls:
+                wanda.wanda_mask(weight, norms, null_norms, k)
+
+    if not ON_CUDA and provider == "reference":
+        median = measure(benchmark, run, calibrate=False, min_rounds=CPU_REFERENCE_ROUNDS[t])
+    else:
+        median = measure(benchmark, run)
+    w_bytes = sum(w.numel() * w.element_size() for w in weights)
+    record(benchmark, op="wanda_mask", provider=provider, T=t, dtype=str(weights[0].dtype).removeprefix("torch."))
+    benchmark.extra_info["bytes_W"] = w_bytes
+    if ON_CUDA:
+        benchmark.extra_info["gbps"] = gbps(w_bytes, median)
