@@ -28,42 +28,13 @@ constexpr int64_t kMaxChunks = 64;       // bounds the partial buffer to kMaxChu
 constexpr int64_t kColBlock = 256;       // columns per tile (a 2 KiB double accumulator)
 constexpr int64_t kParallelMin = 1 << 15;  // elements below which we stay serial
 
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-// IEEE binary16 -> binary32, exact for every input (normals, subnormals, inf, nan).
-inline float half_to_float(uint16_t h) {
-  constexpr uint32_t shifted_exp = 0x7c00u << 13;  // exponent mask after the shift
-  uint32_t o = (static_cast<uint32_t>(h) & 0x7fffu) << 13;
-  const uint32_t exp = shifted_exp & o;
-  o += (127u - 15u) << 23;  // rebias the exponent
-  if (exp == shifted_exp) {
-    o += (128u - 16u) << 23;  // inf / nan: exponent all ones
-  } else if (exp == 0) {
-    o += 1u << 23;  // subnormal: renormalize through a float subtraction
-    o = float_to_bits(bits_to_float(o) - bits_to_float(113u << 23));
-  }
-  return bits_to_float(o | ((static_cast<uint32_t>(h) & 0x8000u) << 16));
-}
-
-inline float bfloat16_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
-
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
 
 inline double load(const float* p, int64_t i) { return static_cast<double>(p[i]); }
 inline double load(const double* p, int64_t i) { return p[i]; }
-inline double load(const Half* p, int64_t i) { return static_cast<double>(half_to_float(p[i].bits)); }
-inline double load(const BFloat16* p, int64_t i) { return static_cast<double>(bfloat16_to_float(p[i].bits)); }
+inline double load(const Half* p, int64_t i) { return static_cast<double>(convert::half_to_float(p[i].bits)); }
+inline double load(const BFloat16* p, int64_t i) { return static_cast<double>(convert::bfloat16_to_float(p[i].bits)); }
 
 template <typename T>
 void run(const T* x, int64_t cols, int64_t row_start, int64_t row_end, float* acc, bool token_norm) {

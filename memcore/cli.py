@@ -246,11 +246,19 @@ def cmd_env(args) -> None:
 
 
 def _triton_status() -> str:
+    import torch
+
+    from memcore.ops._backend import triton_usable
+
     try:
         import triton
     except ImportError:
         return "not installed"
-    return f"triton {triton.__version__} installed (no memcore Triton kernels yet)"
+    if triton_usable(torch.device("cuda")) and torch.cuda.is_available():
+        return f"available (triton {triton.__version__})"
+    if triton_usable(torch.device("cpu")):
+        return f"interpreter only (triton {triton.__version__}, TRITON_INTERPRET=1, no GPU)"
+    return f"installed (triton {triton.__version__}), no GPU to run on"
 
 
 COMMANDS = {"localize": cmd_localize, "mask": cmd_mask, "prune": cmd_prune, "env": cmd_env}

@@ -98,22 +98,22 @@ def test_top_k(s, n, k):
     assert top_k(s, n) == k
 
 
-@pytest.mark.parametrize("backend", ["cpu"])
-def test_statistics_backends_give_the_same_mask(tiny_pipe, prompts, backend):
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_localize_gives_the_same_mask_with_every_backend(tiny_pipe, prompts, backend):
+    """Statistics and mask with every op forced onto one backend (the fused GEGLU path, which may
+    round the model's activations differently, is compared with the unfused one in test_capture.py)."""
     from memcore.ops import use_backend
+    from memcore.ops._backend import triton_usable
     from memcore.ops._ext import extension
-    from memcore.stats import collect_stats
 
-    if extension() is None:
+    if backend == "cpu" and extension() is None:
         pytest.skip("memcore._C is not built")
-    config = LocalizeConfig(timesteps=3, sparsity=0.05, height=64, width=64, progress=False)
+    if backend == "triton" and not triton_usable(torch.device("cpu")):
+        pytest.skip("triton is not installed or TRITON_INTERPRET is not set")
+    config = LocalizeConfig(timesteps=2, sparsity=0.05, height=64, width=64, progress=False)
     with use_backend("reference"):
-        reference = collect_stats(tiny_pipe, prompts, config)
+        want, _ = localize(tiny_pipe, prompts, config)
     with use_backend(backend):
-        fast = collect_stats(tiny_pipe, prompts, config)
-    for name in reference.layers:
-        torch.testing.assert_close(fast.mem[name], reference.mem[name], rtol=1e-6, atol=0)
-        torch.testing.assert_close(fast.null[name], reference.null[name], rtol=1e-6, atol=0)
-    want, got = compute_mask(tiny_pipe, reference, 0.05), compute_mask(tiny_pipe, fast, 0.05)
+        got, _ = localize(tiny_pipe, prompts, config)
     for name in want.layers:
         assert torch.equal(got.layers[name], want.layers[name]), name

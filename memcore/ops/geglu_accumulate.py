@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from memcore.ops import _backend
-from memcore.ops._ext import extension
+from memcore.ops._ext import launch, native_backend
 from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES, sqnorm_accumulate_reference
 
 OP_NAME = "memcore::geglu_accumulate"
@@ -49,15 +49,12 @@ def _rows_2d(p: torch.Tensor) -> torch.Tensor:
     return p2 if p2.is_contiguous() else p2.contiguous()
 
 
-def _native_args(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _native(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
     p2 = _rows_2d(p)
     out = torch.empty((p2.shape[0], p2.shape[1] // 2), dtype=p2.dtype, device=p2.device)
-    return p2, out
-
-
-def _cpu(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
-    p2, out = _native_args(p)
-    extension().geglu_accumulate_cpu(
+    launch(
+        "geglu_accumulate",
+        p2.device,
         p2.data_ptr(),
         NATIVE_DTYPES[p2.dtype],
         out.shape[0],
@@ -71,25 +68,6 @@ def _cpu(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token
     return out
 
 
-def _cuda(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
-    p2, out = _native_args(p)
-    with torch.cuda.device(p2.device):
-        stream = torch.cuda.current_stream(p2.device).cuda_stream
-        extension().geglu_accumulate_cuda(
-            p2.data_ptr(),
-            NATIVE_DTYPES[p2.dtype],
-            out.shape[0],
-            out.shape[1],
-            row_start,
-            row_end,
-            acc.data_ptr(),
-            out.data_ptr(),
-            token_norm,
-            stream,
-        )
-    return out
-
-
 def _triton(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
     from memcore._kernels.geglu_accumulate import geglu_accumulate_triton
 
@@ -100,12 +78,9 @@ def _available(device: torch.device) -> dict[str, _backend.Impl]:
     impls: dict[str, _backend.Impl] = {"reference": geglu_accumulate_reference}
     if _backend.triton_usable(device):
         impls["triton"] = _triton
-    ext = extension()
-    if ext is not None:
-        if device.type == "cpu" and hasattr(ext, "geglu_accumulate_cpu"):
-            impls["cpu"] = _cpu
-        elif device.type == "cuda" and ext.compiled_with_cuda() and hasattr(ext, "geglu_accumulate_cuda"):
-            impls["cuda"] = _cuda
+    native = native_backend("geglu_accumulate", device)
+    if native is not None:
+        impls[native] = _native
     return impls
 
 

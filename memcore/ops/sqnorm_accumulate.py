@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from memcore.ops import _backend
-from memcore.ops._ext import extension
+from memcore.ops._ext import launch, native_backend
 
 OP_NAME = "memcore::sqnorm_accumulate"
 
@@ -48,28 +48,20 @@ def _rows_2d(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.is_contiguous() else x2.contiguous()
 
 
-def _cpu(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
+def _native(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
     x2 = _rows_2d(x)
-    extension().sqnorm_accumulate_cpu(
-        x2.data_ptr(), NATIVE_DTYPES[x2.dtype], x2.shape[0], x2.shape[1], row_start, row_end, acc.data_ptr(), token_norm
+    launch(
+        "sqnorm_accumulate",
+        x2.device,
+        x2.data_ptr(),
+        NATIVE_DTYPES[x2.dtype],
+        x2.shape[0],
+        x2.shape[1],
+        row_start,
+        row_end,
+        acc.data_ptr(),
+        token_norm,
     )
-
-
-def _cuda(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
-    x2 = _rows_2d(x)
-    with torch.cuda.device(x2.device):
-        stream = torch.cuda.current_stream(x2.device).cuda_stream
-        extension().sqnorm_accumulate_cuda(
-            x2.data_ptr(),
-            NATIVE_DTYPES[x2.dtype],
-            x2.shape[0],
-            x2.shape[1],
-            row_start,
-            row_end,
-            acc.data_ptr(),
-            token_norm,
-            stream,
-        )
 
 
 def _triton(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
@@ -82,12 +74,9 @@ def _available(device: torch.device) -> dict[str, _backend.Impl]:
     impls: dict[str, _backend.Impl] = {"reference": sqnorm_accumulate_reference}
     if _backend.triton_usable(device):
         impls["triton"] = _triton
-    ext = extension()
-    if ext is not None:
-        if device.type == "cpu":
-            impls["cpu"] = _cpu
-        elif device.type == "cuda" and ext.compiled_with_cuda():
-            impls["cuda"] = _cuda
+    native = native_backend("sqnorm_accumulate", device)
+    if native is not None:
+        impls[native] = _native
     return impls
 
 

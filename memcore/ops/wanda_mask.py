@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from memcore.ops import _backend
-from memcore.ops._ext import extension
+from memcore.ops._ext import launch, native_backend
 from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES
 
 OP_NAME = "memcore::wanda_mask"
@@ -114,8 +114,7 @@ def wanda_mask_reference(
     return pack_mask(mask)
 
 
-def _native_args(weight, norms, null_norms, k, largest):
-    """Contiguous operands and the native kernels' argument list, with a fresh uint8 output."""
+def _native(weight, norms, null_norms, k, largest):
     if weight.dtype not in NATIVE_DTYPES:
         weight = weight.to(torch.float32)  # any other float type is exactly representable, as the reference does
     weight = weight.contiguous()
@@ -123,7 +122,9 @@ def _native_args(weight, norms, null_norms, k, largest):
     null_norms = None if null_norms is None else null_norms.contiguous()
     out, in_features = weight.shape
     mask = torch.empty((out, (in_features + _BITS - 1) // _BITS), dtype=torch.uint8, device=weight.device)
-    args = (
+    launch(
+        "wanda_mask",
+        weight.device,
         weight.data_ptr(),
         NATIVE_DTYPES[weight.dtype],
         out,
@@ -135,21 +136,6 @@ def _native_args(weight, norms, null_norms, k, largest):
         largest,
         mask.data_ptr(),
     )
-    # keep the (possibly new) contiguous tensors alive until the kernel has read them
-    return mask, args, (weight, norms, null_norms)
-
-
-def _cpu(weight, norms, null_norms, k, largest):
-    mask, args, _alive = _native_args(weight, norms, null_norms, k, largest)
-    extension().wanda_mask_cpu(*args)
-    return mask
-
-
-def _cuda(weight, norms, null_norms, k, largest):
-    mask, args, _alive = _native_args(weight, norms, null_norms, k, largest)
-    with torch.cuda.device(weight.device):
-        stream = torch.cuda.current_stream(weight.device).cuda_stream
-        extension().wanda_mask_cuda(*args, stream)
     return mask
 
 
@@ -163,12 +149,9 @@ def _available(device: torch.device) -> dict[str, _backend.Impl]:
     impls: dict[str, _backend.Impl] = {"reference": wanda_mask_reference}
     if _backend.triton_usable(device):
         impls["triton"] = _triton
-    ext = extension()
-    if ext is not None:
-        if device.type == "cpu":
-            impls["cpu"] = _cpu
-        elif device.type == "cuda" and ext.compiled_with_cuda():
-            impls["cuda"] = _cuda
+    native = native_backend("wanda_mask", device)
+    if native is not None:
+        impls[native] = _native
     return impls
 
 
