@@ -32,6 +32,13 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
     return out
 
 
+def _default_mode(base: int) -> int:
+    """``base`` less the process umask: the mode a plain open() or mkdir() would have given."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; it replaces ``path`` only if the block succeeds."""
@@ -40,6 +47,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, _default_mode(0o666))  # mkstemp makes it private
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -53,6 +61,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes it private
         os.rename(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -36,8 +36,14 @@ def test_mask_on_tiny_equals_spec(tiny_pipe, localized):
 
 
 def test_mask_file_round_trip(tmp_path, localized):
+    import os
+    import stat
+
     mask, stats = localized
     mask.save(tmp_path / "m.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(os.stat(tmp_path / "m.safetensors").st_mode) == 0o666 & ~umask  # not mkstemp's 0600
     loaded = Mask.load(tmp_path / "m.safetensors")
     assert loaded.metadata == mask.metadata
     for name in mask.layers:

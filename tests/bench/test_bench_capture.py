@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 
 import pytest
 import torch
@@ -42,8 +43,9 @@ PIXELS = 512 if ON_CUDA else 256
 LATENT = PIXELS // 8  # SD's VAE scale factor
 BATCH = 2  # classifier-free guidance: [uncond, cond]
 DTYPE = torch.float16 if ON_CUDA else torch.float32
-# a UNet call takes 8 to 20 s on two CPU cores: a fixed number of rounds, warmed up once in the fixture
-CPU_ROUNDS = 2
+# a UNet call takes 4 to 10 s on two CPU cores: a fixed number of rounds (MEMCORE_BENCH_CPU_ROUNDS,
+# default 2, enough to run the suite but not to resolve a few percent), warmed up once in the fixture
+CPU_ROUNDS = int(os.environ.get("MEMCORE_BENCH_CPU_ROUNDS", "2"))
 GROUP = f"capture: SD 1.5 UNet, {CALLS} calls at {PIXELS} px, batch {BATCH}, {str(DTYPE).removeprefix('torch.')}"
 
 HAS_FUSED_SWITCH = "fused" in inspect.signature(capture.apply_capture).parameters
