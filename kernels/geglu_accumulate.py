@@ -36,17 +36,20 @@ import torch
 import triton
 import triton.language as tl
 
-from memcore._kernels.sqnorm_accumulate import _grid_size, _num_warps, _row_scale, _safe_reciprocal
+# Block sizing is the statistics kernel's: rows of up to MAX_BLOCK_COLS (8192 >= SD's widest GEGLU,
+# 5120) are one block, wider ones are chunked.
+from memcore._kernels.sqnorm_accumulate import (
+    _TORCH_DTYPES,
+    MAX_BLOCK_COLS,
+    _blocks,
+    _grid_size,
+    _num_warps,
+    _row_scale,
+    _safe_reciprocal,
+)
 
-# Widest row held in registers as one block (SD's widest GEGLU is 5120); wider rows are chunked.
-MAX_BLOCK_COLS = 8192
-WIDE_BLOCK_COLS = 2048
-# Elements of one [BLOCK_R, BLOCK_C] tile.
-TILE_ELEMENTS = 8192
 # 1 / sqrt(2)
 SQRT1_2 = tl.constexpr(0.7071067811865476)
-
-_TORCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @triton.jit
@@ -158,14 +161,6 @@ def _geglu_accumulate_kernel(
                     x = _geglu_tile(p_ptr, out_ptr, rows, cc, mask, inner, stride_p, COMPUTE, IS_BF16, False)
                     y = x / m[:, None]
                     tl.atomic_add(acc_ptr + cc, tl.sum(y * y * inv_s[:, None], axis=0), mask=c_mask)
-
-
-def _blocks(rows: int, inner: int, max_block_cols: int) -> tuple[bool, int, int]:
-    """(chunked, BLOCK_R, BLOCK_C) for P of [rows, 2 * inner]."""
-    chunked = inner > max_block_cols
-    block_c = min(WIDE_BLOCK_COLS, max_block_cols) if chunked else triton.next_power_of_2(inner)
-    block_r = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(max(rows, 1))))
-    return chunked, block_r, block_c
 
 
 def geglu_accumulate_triton(

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from memcore.ops import _backend
 from memcore.ops._ext import launch, native_backend
-from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES, sqnorm_accumulate_reference
+from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES, _rows_2d, check_accumulator, sqnorm_accumulate_reference
 
 OP_NAME = "memcore::geglu_accumulate"
 
@@ -42,11 +42,6 @@ def geglu_accumulate_reference(
     x = hidden_states * F.gelu(gate)
     sqnorm_accumulate_reference(x, acc, row_start, row_end, token_norm)
     return x
-
-
-def _rows_2d(p: torch.Tensor) -> torch.Tensor:
-    p2 = p.reshape(-1, p.shape[-1])
-    return p2 if p2.is_contiguous() else p2.contiguous()
 
 
 def _native(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
@@ -96,20 +91,8 @@ def _validate(proj_out: torch.Tensor, acc: torch.Tensor, row_start: int, row_end
             f"got shape {tuple(proj_out.shape)}"
         )
     inner = proj_out.shape[-1] // 2
-    if acc.dtype != torch.float32 or acc.dim() != 1 or acc.shape[0] != inner:
-        raise ValueError(
-            f"geglu_accumulate: acc must be a float32 vector of {inner} features (half of proj_out's last dim), "
-            f"got {acc.dtype} of shape {tuple(acc.shape)}"
-        )
-    if not acc.is_contiguous():
-        raise ValueError("geglu_accumulate: acc must be contiguous")
-    if acc.device != proj_out.device:
-        raise ValueError(f"geglu_accumulate: acc is on {acc.device} but proj_out is on {proj_out.device}")
-    rows = proj_out.numel() // proj_out.shape[-1]
-    end = rows if row_end is None else row_end
-    if not 0 <= row_start <= end <= rows:
-        raise ValueError(f"geglu_accumulate: row range [{row_start}, {row_end}) does not fit {rows} rows")
-    return end
+    note = " (half of proj_out's last dim)"
+    return check_accumulator("geglu_accumulate", "proj_out", proj_out, acc, inner, row_start, row_end, note)
 
 
 def _out_shape(proj_out: torch.Tensor) -> tuple[int, ...]:

@@ -85,20 +85,29 @@ def _validate(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int |
         raise ValueError(f"sqnorm_accumulate: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"sqnorm_accumulate: x must have a non-empty last (feature) dimension, got shape {tuple(x.shape)}")
-    features = x.shape[-1]
+    return check_accumulator("sqnorm_accumulate", "x", x, acc, x.shape[-1], row_start, row_end, "")
+
+
+def check_accumulator(
+    op: str, name: str, x: torch.Tensor, acc: torch.Tensor, features: int, row_start: int, row_end: int | None, note: str
+) -> int:
+    """The accumulator and row-range checks shared by the statistics ops; returns the resolved row_end.
+
+    ``x`` (called ``name`` in messages) has rows of ``x.shape[-1]`` elements and ``features`` statistics.
+    """
     if acc.dtype != torch.float32 or acc.dim() != 1 or acc.shape[0] != features:
         raise ValueError(
-            f"sqnorm_accumulate: acc must be a float32 vector of {features} features, "
+            f"{op}: acc must be a float32 vector of {features} features{note}, "
             f"got {acc.dtype} of shape {tuple(acc.shape)}"
         )
     if not acc.is_contiguous():
-        raise ValueError("sqnorm_accumulate: acc must be contiguous")
+        raise ValueError(f"{op}: acc must be contiguous")
     if acc.device != x.device:
-        raise ValueError(f"sqnorm_accumulate: acc is on {acc.device} but x is on {x.device}")
-    rows = x.numel() // features
+        raise ValueError(f"{op}: acc is on {acc.device} but {name} is on {x.device}")
+    rows = x.numel() // x.shape[-1]
     end = rows if row_end is None else row_end
     if not 0 <= row_start <= end <= rows:
-        raise ValueError(f"sqnorm_accumulate: row range [{row_start}, {row_end}) does not fit {rows} rows")
+        raise ValueError(f"{op}: row range [{row_start}, {row_end}) does not fit {rows} rows")
     return end
 
 
