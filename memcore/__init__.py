@@ -21,13 +21,16 @@ _LAZY = {
     "Generation": "memcore.config",
     "Statistics": "memcore.stats",
     "collect_stats": "memcore.stats",
+    "collect_subset_stats": "memcore.stats",
     "Mask": "memcore.mask",
     "compute_mask": "memcore.mask",
     "load_mask": "memcore.mask",
     "save_mask": "memcore.mask",
     "prune": "memcore.prune",
     "localize": "memcore.localize",
+    "localize_subsets": "memcore.localize",
     "load_prompts": "memcore.prompts",
+    "load_subsets": "memcore.prompts",
     "load_pipeline": "memcore.models",
     "find_targets": "memcore.targets",
     "ops": "memcore.ops",
@@ -38,12 +41,12 @@ __all__ = ["MemcoreError", "__version__", *_LAZY]
 if TYPE_CHECKING:
     from memcore import ops
     from memcore.config import Generation, LocalizeConfig
-    from memcore.localize import localize
+    from memcore.localize import localize, localize_subsets
     from memcore.mask import Mask, compute_mask, load_mask, save_mask
     from memcore.models import load_pipeline
-    from memcore.prompts import load_prompts
+    from memcore.prompts import load_prompts, load_subsets
     from memcore.prune import prune
-    from memcore.stats import Statistics, collect_stats
+    from memcore.stats import Statistics, collect_stats, collect_subset_stats
     from memcore.targets import find_targets
 
 

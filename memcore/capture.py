@@ -5,27 +5,50 @@ Diffusers ``ModelHook`` objects sharing one :class:`CaptureState`:
 - a counter on the denoiser, which advances the call index before each denoiser call;
 - on each target whose input is a GEGLU's output, a hook that replaces that GEGLU's forward with
   :func:`memcore.ops.geglu_accumulate`, which adds the statistic of its output X (SPEC section 2) to
-  ``state.accumulators[layer][call_index]`` while computing X: no extra pass over X;
+  the accumulator of this layer and call while computing X: no extra pass over X;
 - on any other target Linear, a hook that adds the statistic of its input with
   :func:`memcore.ops.sqnorm_accumulate`.
 
-Nothing is copied to the host. :func:`apply_capture` attaches the hooks and always removes them.
+Nothing is copied to the host, and nothing assumes a feed-forward shape: a target is any Linear
+whose input is batch-first, ``[batch, ..., in_features]``.
+
+Routing. A generation's batch holds the prompts of several destinations (prompt subsets sharing one
+run): each destination owns a range of prompts, ``[start, end)``. In a classifier-free-guidance
+batch of the denoiser the prompts appear twice, ``[uncond..., cond...]``; a text encoder sees them
+once per call (the pipeline encodes the prompts, then the negative prompts).
+
+Text-encoder targets run before the first denoiser call (call index -1) and add to call index 0;
+the caller copies that row to the other call indices (:meth:`CaptureState.finish`).
+:func:`apply_capture` attaches the hooks and always removes them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from memcore.errors import MemcoreError
 from memcore.ops import geglu_accumulate, sqnorm_accumulate
-from memcore.targets import Target
+from memcore.targets import TEXT, Target
 
 HOOK_NAME = "memcore_capture"
 ROWS = ("both", "cond")
+
+Accumulators = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where the statistics of prompts ``start .. end - 1`` of the batch go (``end`` None: to the last)."""
+
+    accumulators: Accumulators
+    start: int = 0
+    end: int | None = None
 
 
 @dataclass
@@ -34,32 +57,54 @@ class CaptureState:
 
     Attributes:
         num_calls: statistics are kept for call indices 0 .. num_calls - 1; later calls are ignored.
-        rows: ``both`` uses every row of the guidance batch, ``cond`` only its conditional half.
-        guided: whether the batch is a classifier-free-guidance batch [uncond..., cond...].
+        rows: ``both`` uses every row of the guidance batch, ``cond`` only its conditional half (for
+            text encoders: only the first encoding of the generation, the prompts').
+        guided: whether the denoiser batch is a classifier-free-guidance batch [uncond..., cond...].
         token_norm: L2-normalize each token row before squaring.
-        accumulators: layer name -> float32 [num_calls, in_features], the current destination.
+        destinations: where each prompt's statistics go, float32 [num_calls, in_features] per layer.
         call_index: index of the denoiser call in progress (-1 before the first).
+        run: generations started so far.
     """
 
     num_calls: int
     rows: str = "both"
     guided: bool = True
     token_norm: bool = True
-    accumulators: dict[str, torch.Tensor] = field(default_factory=dict)
+    destinations: list[Destination] = field(default_factory=list)
     call_index: int = -1
+    run: int = 0
 
-    def start_run(self, accumulators: dict[str, torch.Tensor]) -> None:
-        """Direct the statistics of the next generation into ``accumulators``."""
-        self.accumulators = accumulators
+    def start_run(self, destinations: Accumulators | list[Destination]) -> None:
+        """Direct the statistics of the next generation: one set of accumulators, or one per prompt range."""
+        self.destinations = [Destination(destinations)] if isinstance(destinations, dict) else list(destinations)
         self.call_index = -1
+        self.run += 1
 
-    def row_range(self, x: torch.Tensor) -> tuple[int, int]:
-        """Rows of ``x`` (viewed as [-1, features]) that count: all, or the conditional half."""
-        rows = x.numel() // x.shape[-1]
-        if self.rows == "both" or not self.guided:
-            return 0, rows
-        per_sample = rows // x.shape[0]
-        return (x.shape[0] // 2) * per_sample, rows
+    def row_ranges(self, shape: torch.Size, copies: int, first_copy: int) -> Iterator[tuple[Accumulators, int, int]]:
+        """(accumulators, first row, end row) of an input of ``shape`` viewed as [-1, features], per destination.
+
+        The input holds ``copies`` consecutive copies of the prompt batch; copies before
+        ``first_copy`` are skipped.
+        """
+        batch = shape[0]
+        if batch % copies:
+            raise MemcoreError(f"capture: a batch of {batch} is not {copies} copies of the prompts")
+        prompts = batch // copies
+        per_prompt = math.prod(shape[1:-1])
+        for copy in range(first_copy, copies):
+            base = copy * prompts
+            for dest in self.destinations:
+                end = prompts if dest.end is None else dest.end
+                if end > prompts:
+                    raise MemcoreError(f"capture: prompts {dest.start}..{end - 1} routed, the batch has {prompts}")
+                yield dest.accumulators, (base + dest.start) * per_prompt, (base + end) * per_prompt
+
+    def finish(self, accumulators: Accumulators, targets: list[Target]) -> None:
+        """Copy each text-encoder statistic (collected at call index 0) to every call index."""
+        for target in targets:
+            if target.stage == TEXT:
+                acc = accumulators[target.name]
+                acc[1:] = acc[0]
 
 
 class CallCounterHook(ModelHook):
@@ -75,19 +120,31 @@ class CallCounterHook(ModelHook):
 
 
 class InputStatisticsHook(ModelHook):
-    """Adds the statistic of a Linear's input to the state's accumulator for this layer and call."""
+    """Adds the statistic of a Linear's input to the accumulators of this layer and call."""
 
-    def __init__(self, layer: str, state: CaptureState):
+    def __init__(self, layer: str, state: CaptureState, stage: str):
         super().__init__()
         self.layer = layer
         self.state = state
+        self.stage = stage
+        self._run, self._encodings = 0, 0
 
     def pre_forward(self, module, *args, **kwargs):
         state = self.state
-        if 0 <= state.call_index < state.num_calls:
-            x = args[0] if args else kwargs["input"]
-            start, end = state.row_range(x)
-            sqnorm_accumulate(x.detach(), state.accumulators[self.layer][state.call_index], start, end, state.token_norm)
+        x = args[0] if args else kwargs["input"]
+        if self.stage == TEXT:
+            if self._run != state.run:
+                self._run, self._encodings = state.run, 0
+            self._encodings += 1
+            counted = state.call_index == -1 and (state.rows == "both" or self._encodings == 1)
+            call, copies, first_copy = 0, 1, 0
+        else:
+            counted = 0 <= state.call_index < state.num_calls
+            call, copies = state.call_index, 2 if state.guided else 1
+            first_copy = copies - 1 if state.rows == "cond" else 0
+        if counted:
+            for accumulators, start, end in state.row_ranges(x.shape, copies, first_copy):
+                sqnorm_accumulate(x.detach(), accumulators[self.layer][call], start, end, state.token_norm)
         return args, kwargs
 
 
@@ -105,8 +162,15 @@ class FusedGegluHook(ModelHook):
         if not 0 <= state.call_index < state.num_calls:
             h, gate = projected.chunk(2, dim=-1)
             return h * module.gelu(gate)
-        start, end = state.row_range(projected)
-        return geglu_accumulate(projected, state.accumulators[self.layer][state.call_index], start, end, state.token_norm)
+        copies = 2 if state.guided else 1
+        first_copy = copies - 1 if state.rows == "cond" else 0
+        ranges = list(state.row_ranges(projected.shape, copies, first_copy))  # the output has the same rows
+        call = state.call_index
+        accumulators, start, end = ranges[0]
+        out = geglu_accumulate(projected, accumulators[self.layer][call], start, end, state.token_norm)
+        for accumulators, start, end in ranges[1:]:
+            sqnorm_accumulate(out, accumulators[self.layer][call], start, end, state.token_norm)
+        return out
 
 
 @contextlib.contextmanager
@@ -129,7 +193,7 @@ def apply_capture(
             if fused and target.geglu is not None:
                 module, hook = target.geglu, FusedGegluHook(target.name, state)
             else:
-                module, hook = target.linear, InputStatisticsHook(target.name, state)
+                module, hook = target.linear, InputStatisticsHook(target.name, state, target.stage)
             HookRegistry.check_if_exists_or_initialize(module).register_hook(hook, HOOK_NAME)
             hooked.append(module)
         yield state

@@ -17,9 +17,9 @@ from memcore._version import __version__
 from memcore.errors import MemcoreError
 
 MODEL_HELP = (
-    "'tiny' (embedded random-weight SD 1.5 architecture), an alias (sd14, sd15, sd2-base, sd21-base, sd2, sd21), "
-    "a hub id, or a local diffusers folder; the local cache is used first, the hub only when "
-    "HF_HUB_OFFLINE is unset"
+    "an embedded random-weight model (tiny: SD 1.5 architecture, tiny-sd2, tiny-sdxl, tiny-pixart), an alias "
+    "(sd14, sd15, sd2-base, sd21-base, sd2, sd21, sdxl, pixart), a hub id, or a local diffusers folder; the "
+    "local cache is used first, the hub only when HF_HUB_OFFLINE is unset"
 )
 
 
@@ -33,7 +33,12 @@ def _add_model_args(p: argparse.ArgumentParser, device_help: str, dtype_help: st
 def _add_mask_args(p: argparse.ArgumentParser, out_default: str | None) -> None:
     p.add_argument("--sparsity", type=float, default=0.01, help="s in (0, 1]: k = floor(s * in) per row (default 0.01)")
     p.add_argument("--per-step", action="store_true", help="also store the mask of every call index, for analysis")
-    p.add_argument("--out", default=out_default, help=f"mask file to write (default {out_default})")
+    if out_default is None:
+        p.add_argument(
+            "--out", help="mask file to write (default mask.safetensors); with --subsets, a new folder (default masks)"
+        )
+    else:
+        p.add_argument("--out", default=out_default, help=f"mask file to write (default {out_default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
         "localize",
         help="collect statistics for memorized prompts and write the mask of memorized neurons",
         description="Run the first --timesteps denoiser calls for each prompt and for the empty prompt, "
-        "score every weight of every feed-forward output Linear (Wanda) and write the mask.",
+        "score every weight of the target Linear layers (Wanda) and write the mask. With --subsets, "
+        "write one mask per prompt subset from one run.",
     )
     _add_model_args(p, "torch device (default: cuda if available, else cpu)", "default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--prompts", required=True, help="memorized prompts: .txt (one per line), .jsonl or .csv")
-    _add_mask_args(p, "mask.safetensors")
-    p.add_argument("--stats-out", help="also write the statistics (for 'memcore mask')")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts", help="memorized prompts: .txt (one per line), .jsonl or .csv")
+    source.add_argument(
+        "--subsets", nargs="+", metavar="FILE",
+        help="prompt subsets (files, or one folder of .txt/.jsonl/.csv files): one mask each, named after the "
+        "file, written into the --out folder",
+    )
+    _add_mask_args(p, None)
+    p.add_argument(
+        "--target", default="ffn",
+        help="Linear layers to score: ffn (feed-forward output, default), attn2.to_k or attn2.to_v "
+        "(cross-attention key/value), text-mlp (text encoders' MLP output), or a regular expression "
+        "matched in full against the denoiser's module names",
+    )
+    p.add_argument("--stats-out", help="also write the statistics (for 'memcore mask'); a folder with --subsets")
     p.add_argument("--timesteps", type=int, default=10, help="tau: denoiser calls to collect and score (default 10)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per generation (default 4)")
     p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's, 50 for SD)")
@@ -82,6 +100,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p, "torch device (default: cpu)", "default: the dtype the mask was computed in")
     p.add_argument("--mask", required=True, help="mask file written by 'memcore localize' or 'memcore mask'")
     p.add_argument("--out", required=True, help="new folder for the pruned pipeline")
+    p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
+
+    p = sub.add_parser(
+        "analyze",
+        help="density and cross-subset IoU of per-step masks: CSV tables and PNG figures",
+        description="Density of the memorized neurons per (call index, layer) and the mean IoU over pairs of "
+        "distinct masks, with a chance baseline (random masks of equal density per layer), averaged over each "
+        "axis. The masks must come from the same model and settings, computed with --per-step. The IoU of two "
+        "empty masks is defined as 1.0. Writes analysis.csv, density.csv, pairs.csv and PNG figures.",
+    )
+    p.add_argument("masks", nargs="+", metavar="MASK", help="mask files (at least two, unless --density-only)")
+    p.add_argument("--out", required=True, help="folder for the tables and figures (created if missing)")
+    p.add_argument("--names", help="comma-separated short names for the masks (default: the file names)")
+    p.add_argument("--density-only", action="store_true", help="only the density tables and figures (one mask is enough)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+
+    p = sub.add_parser(
+        "generate",
+        help="images for prompts and seeds, and with --mask the same images after pruning, on one grid",
+        description="Generate one image per prompt and seed (the same x_T per seed for the original and the "
+        "pruned model) and a grid: rows prompts, columns seeds, original and pruned side by side.",
+    )
+    _add_model_args(p, "torch device (default: cuda if available, else cpu)", "default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--prompts", required=True, help="prompts: .txt (one per line), .jsonl or .csv")
+    p.add_argument("--seeds", default="0,1,2,3", help="seeds: a comma list and ranges, e.g. 0,1,2,3 or 0-3 (default 0,1,2,3)")
+    p.add_argument("--mask", help="a mask file: also generate after zeroing its weights")
+    p.add_argument("--out", required=True, help="new folder for the images, grid.png and manifest.json")
+    p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation (default 8)")
     p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
 
     p = sub.add_parser("env", help="show versions, devices and which kernel backends loaded")
@@ -140,8 +190,12 @@ def cmd_localize(args) -> None:
         token_norm=not args.no_token_norm,
         batch_size=args.batch_size,
         per_step=args.per_step,
+        target=args.target,
     )
-    out = check_output_file(args.out, "--out")
+    if args.subsets:
+        _localize_subsets(args, config, started)
+        return
+    out = check_output_file(args.out or "mask.safetensors", "--out")
     stats_out = check_output_file(args.stats_out, "--stats-out") if args.stats_out else None
     prompts = load_prompts(args.prompts)
 
@@ -155,6 +209,34 @@ def cmd_localize(args) -> None:
     mask.save(out)
     summary = {"mask": str(out), "stats": str(stats_out) if stats_out else None, **_mask_summary(mask, time.perf_counter() - started)}
     _emit(args, summary, _describe(summary, str(out)))
+
+
+def _localize_subsets(args, config, started: float) -> None:
+    from memcore.io import atomic_dir, check_output_dir
+    from memcore.localize import localize_subsets
+    from memcore.models import load_pipeline
+    from memcore.prompts import load_subsets
+
+    out = check_output_dir(args.out or "masks", "--out")
+    stats_out = check_output_dir(args.stats_out, "--stats-out") if args.stats_out else None
+    if stats_out is not None and stats_out.resolve() == out.resolve():
+        raise MemcoreError("--stats-out: must be another folder than --out")
+    subsets = load_subsets(args.subsets)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    results = localize_subsets(pipe, subsets, config)
+    seconds = time.perf_counter() - started
+    if stats_out is not None:
+        with atomic_dir(stats_out) as tmp:
+            for name, (_, stats) in results.items():
+                stats.save(tmp / f"{name}.safetensors")
+    with atomic_dir(out) as tmp:
+        for name, (mask, _) in results.items():
+            mask.save(tmp / f"{name}.safetensors")
+    masks = {name: {"mask": str(out / f"{name}.safetensors"), **_mask_summary(mask, seconds)} for name, (mask, _) in results.items()}
+    summary = {"out": str(out), "stats": str(stats_out) if stats_out else None, "seconds": round(seconds, 3), "subsets": masks}
+    lines = [f"wrote {len(results)} masks into {out} in {seconds:.1f} s:"]
+    lines += [f"  {name}: {100 * m['density']:.3f}% of {m['target_weights']:,} weights, from {m['num_prompts']} prompts" for name, m in masks.items()]
+    _emit(args, summary, "\n".join(lines))
 
 
 def cmd_mask(args) -> None:
@@ -197,6 +279,65 @@ def cmd_prune(args) -> None:
         "seconds": round(time.perf_counter() - started, 3),
     }
     _emit(args, summary, f"wrote {out}: {zeroed:,} weights zeroed in {len(mask.layers)} layers")
+
+
+def cmd_analyze(args) -> None:
+    from memcore.analysis import analyze
+
+    started = time.perf_counter()
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    if names is not None and len(names) != len(args.masks):
+        raise MemcoreError(f"--names: {len(names)} names for {len(args.masks)} masks")
+    result = analyze(args.masks, args.out, names=names, density_only=args.density_only)
+    dens, pairs = result.density, result.pairwise
+    summary = {
+        "out": str(args.out),
+        "masks": result.names,
+        "density": float(dens.overall),
+        "iou": None if pairs is None else float(pairs.iou_overall),
+        "iou_chance": None if pairs is None else float(pairs.chance_overall),
+        "files": [str(p) for p in result.paths],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    line = f"wrote {len(result.paths)} files into {args.out}: {len(result.names)} masks, mean density {100 * summary['density']:.3f}%"
+    if pairs is not None:
+        line += f", mean IoU {summary['iou']:.3f} (chance {summary['iou_chance']:.3f})"
+    _emit(args, summary, line)
+
+
+def cmd_generate(args) -> None:
+    from memcore.generate import check_seeds, parse_seeds
+    from memcore.io import check_output_dir
+    from memcore.prompts import load_prompts
+
+    started = time.perf_counter()
+    check_output_dir(args.out, "--out")  # before loading the model
+    seeds = check_seeds(parse_seeds(args.seeds))
+    if args.batch_size < 1:
+        raise MemcoreError(f"--batch-size: must be at least 1, got {args.batch_size}")
+    if args.mask is not None and not os.path.isfile(args.mask):
+        raise MemcoreError(f"--mask {args.mask}: no such file")
+    prompts = load_prompts(args.prompts)
+
+    from memcore.generate import generate
+    from memcore.models import load_pipeline
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    result = generate(
+        pipe, prompts, seeds, out_dir=args.out, mask=args.mask, steps=args.steps, guidance=args.guidance,
+        height=args.height, width=args.width, force=args.force, batch_size=args.batch_size,
+    )
+    summary = {
+        "out": str(result.out_dir),
+        "grid": str(result.grid),
+        "grid_size": list(result.grid_size),
+        "images": len(result.images) + len(result.pruned_images),
+        "zeroed_weights": result.zeroed,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    width, height = result.grid_size
+    pruned = f", pruned with {result.zeroed:,} weights zeroed" if result.zeroed is not None else ""
+    _emit(args, summary, f"wrote {summary['images']} images and {result.grid} ({width}x{height}){pruned}")
 
 
 def cmd_env(args) -> None:
@@ -261,7 +402,14 @@ def _triton_status() -> str:
     return f"installed (triton {triton.__version__}), no GPU to run on"
 
 
-COMMANDS = {"localize": cmd_localize, "mask": cmd_mask, "prune": cmd_prune, "env": cmd_env}
+COMMANDS = {
+    "localize": cmd_localize,
+    "mask": cmd_mask,
+    "prune": cmd_prune,
+    "analyze": cmd_analyze,
+    "generate": cmd_generate,
+    "env": cmd_env,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

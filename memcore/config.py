@@ -28,6 +28,7 @@ class LocalizeConfig:
         batch_size: prompts per generation.
         per_step: also keep the per-call masks.
         progress: show a progress bar over denoiser calls.
+        target: the family of Linear layers to score (see :mod:`memcore.targets`).
     """
 
     steps: int | None = None
@@ -42,8 +43,12 @@ class LocalizeConfig:
     batch_size: int = 4
     per_step: bool = False
     progress: bool = True
+    target: str = "ffn"
 
     def __post_init__(self) -> None:
+        from memcore.targets import check_family
+
+        check_family(self.target)
         check_sparsity(self.sparsity)
         check_timesteps(self.timesteps)
         if self.rows not in ROWS:

@@ -1,16 +1,22 @@
 """Running the denoiser exactly as the pipeline's own ``__call__`` does, for the first calls only.
 
-The pipeline itself runs each generation (its text encoding, scheduler stepping and guidance), so
-the first tau calls see the inputs a full generation would. A step-end callback interrupts it after
-call tau - 1 (diffusers' documented way to stop a pipeline early) and ``output_type="latent"``
-skips the VAE.
+The pipeline itself runs each generation (its text encoding, added conditioning, scheduler stepping
+and guidance), so the first tau calls see the inputs a full generation would, whatever the family
+(SD 1.x and 2.x, SDXL, PixArt, ...). ``output_type="latent"`` skips the VAE. To stop after call
+tau - 1, a step-end callback interrupts the pipeline (diffusers' documented way to stop early).
+Pipelines without ``callback_on_step_end`` (PixArt) run to the end, but a hook answers every
+denoiser call after tau - 1 with zeros instead of running the denoiser: what remains is a few cheap
+scheduler steps.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 from collections.abc import Callable
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from memcore.config import Generation
 from memcore.models import denoiser
@@ -43,6 +49,40 @@ def is_guided(pipe, generation: Generation) -> bool:
     return generation.guidance > 1 and getattr(denoiser(pipe).config, "time_cond_proj_dim", None) is None
 
 
+SKIP_HOOK = "memcore_skip_after"
+
+
+class SkipAfterHook(ModelHook):
+    """Runs the first ``num_calls`` calls of the denoiser; answers later ones with zeros."""
+
+    def __init__(self, num_calls: int, on_call: Callable[[], None] | None):
+        super().__init__()
+        self.num_calls, self.on_call, self.calls = num_calls, on_call, 0
+
+    def new_forward(self, module, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.num_calls:
+            if self.on_call is not None:
+                self.on_call()
+            return self.fn_ref.original_forward(*args, **kwargs)
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
+        zeros = sample.new_zeros(sample.shape[0], module.config.out_channels, *sample.shape[2:])
+        return Transformer2DModelOutput(sample=zeros) if kwargs.get("return_dict", True) else (zeros,)
+
+
+def call_kwargs(pipe) -> dict:
+    """Settings some pipelines (PixArt) need to run at exactly the requested size, quietly."""
+    params = inspect.signature(pipe.__call__).parameters
+    kwargs = {}
+    if "use_resolution_binning" in params:  # it snaps the size to bins; the latent is drawn at the requested size
+        kwargs["use_resolution_binning"] = False
+    if "clean_caption" in params and not all(importlib.util.find_spec(m) for m in ("bs4", "ftfy")):
+        kwargs["clean_caption"] = False  # what the pipeline falls back to anyway, with a warning per call
+    return kwargs
+
+
 def run_first_calls(
     pipe,
     prompts: list[str],
@@ -52,15 +92,7 @@ def run_first_calls(
     on_call: Callable[[], None] | None = None,
 ) -> None:
     """Generate for ``prompts`` from the shared latent, stopping after ``num_calls`` denoiser calls."""
-
-    def stop_after(pipeline, step, timestep, callback_kwargs):
-        if on_call is not None:
-            on_call()
-        if step + 1 >= num_calls:
-            pipeline._interrupt = True
-        return callback_kwargs
-
-    pipe(
+    kwargs = dict(
         prompt=prompts,
         num_inference_steps=generation.steps,
         guidance_scale=generation.guidance,
@@ -68,5 +100,22 @@ def run_first_calls(
         width=generation.width,
         latents=latent.repeat(len(prompts), 1, 1, 1),
         output_type="latent",
-        callback_on_step_end=stop_after,
+        **call_kwargs(pipe),
     )
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+
+        def stop_after(pipeline, step, timestep, callback_kwargs):
+            if on_call is not None:
+                on_call()
+            if step + 1 >= num_calls:
+                pipeline._interrupt = True
+            return callback_kwargs
+
+        pipe(**kwargs, callback_on_step_end=stop_after)
+        return
+    registry = HookRegistry.check_if_exists_or_initialize(denoiser(pipe))
+    registry.register_hook(SkipAfterHook(num_calls, on_call), SKIP_HOOK)
+    try:
+        pipe(**kwargs)
+    finally:
+        registry.remove_hook(SKIP_HOOK, recurse=False)

@@ -118,22 +118,21 @@ def compute_mask(
     """Score every target weight against ``stats`` and select the memorized neurons (SPEC section 3).
 
     Args:
-        model: the pipeline (or its denoiser) whose weights are scored: the one the stats came from.
+        model: the pipeline whose weights are scored (the one the stats came from), or its denoiser
+            for denoiser target families.
         stats: statistics from :func:`memcore.collect_stats`.
         sparsity: s in (0, 1]; k = floor(s * in_features) per row and call index.
         timesteps: tau, use call indices 0 .. tau - 1 (default: all the stats hold).
         per_step: also keep the mask of each call index.
         force: accept statistics collected with other weights of the same shapes.
     """
-    from memcore.models import denoiser
     from memcore.targets import find_targets
 
     check_sparsity(sparsity)
     tau = stats.num_calls if timesteps is None else check_timesteps(timesteps)
     if tau > stats.num_calls:
         raise MemcoreError(f"--timesteps: {tau} is more than the {stats.num_calls} calls the statistics hold")
-    net = model if isinstance(model, torch.nn.Module) else denoiser(model)
-    targets = find_targets(net)
+    targets = find_targets(model, stats.metadata.get("target", "ffn"))
     check_same_weights(targets, stats.metadata, "the statistics file", force)
 
     layers, steps, report = {}, {}, []

@@ -8,10 +8,13 @@ from pathlib import Path
 import torch
 
 from memcore.errors import MemcoreError
+from memcore.tiny import FAMILIES
 
 logger = logging.getLogger("memcore")
 
 TINY = "tiny"
+# The embedded random-weight pipelines (see ``memcore.tiny``), one per supported architecture.
+TINY_MODELS = tuple(FAMILIES)
 
 ALIASES = {
     "sd14": "CompVis/stable-diffusion-v1-4",
@@ -20,6 +23,8 @@ ALIASES = {
     "sd21-base": "stabilityai/stable-diffusion-2-1-base",
     "sd2": "stabilityai/stable-diffusion-2",
     "sd21": "stabilityai/stable-diffusion-2-1",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "pixart": "PixArt-alpha/PixArt-XL-2-512x512",
 }
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -111,15 +116,14 @@ def _first_line(exc: BaseException) -> str:
 def load_pipeline(model: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
     """Load a diffusers pipeline and move it to ``device`` in ``dtype``.
 
-    ``model`` is ``tiny`` (the embedded random-weight model), an alias (``sd15``, ...), a local
+    ``model`` is one of ``TINY_MODELS`` (``tiny``, ``tiny-sd2``, ``tiny-sdxl``, ``tiny-pixart``: the
+    embedded random-weight models), an alias (``sd15``, ``sdxl``, ``pixart``, ...), a local
     diffusers folder, or a hub id. The local cache is tried first; the hub is used only when the
     model is not cached and ``HF_HUB_OFFLINE`` is unset.
     """
     dev, dt = resolve_device(device, dtype)
-    if model == TINY:
-        from memcore.tiny import build_tiny_pipeline
-
-        pipe = build_tiny_pipeline(dtype=dt)
+    if model in FAMILIES:
+        pipe = FAMILIES[model](dtype=dt)
     else:
         path = Path(model).expanduser()
         repo_id = resolve_model_id(model)

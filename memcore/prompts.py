@@ -12,11 +12,12 @@ import io
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from memcore.errors import MemcoreError
 
-__all__ = ["load_prompts"]
+__all__ = ["load_prompts", "load_subsets"]
 
 log = logging.getLogger("memcore")
 
@@ -118,3 +119,34 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     if duplicates:
         log.warning("%s: %d duplicate prompt%s kept", name, duplicates, "" if duplicates == 1 else "s")
     return prompts
+
+
+def _natural_key(path: Path) -> list:
+    """Sort key putting ``memorize_2`` before ``memorize_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def load_subsets(paths: list[str | os.PathLike]) -> dict[str, list[str]]:
+    """Prompt subsets by name (the file stem), from prompt files or from one folder of them.
+
+    A folder contributes every ``.txt``, ``.jsonl`` and ``.csv`` file directly inside it, in natural
+    order (``memorize_2`` before ``memorize_10``). Two files with the same stem are refused.
+    """
+    files: list[Path] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            found = sorted((f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _READERS), key=_natural_key)
+            if not found:
+                raise MemcoreError(f"{path}: no prompt files ({', '.join(_READERS)}) in this folder")
+            files.extend(found)
+        else:
+            files.append(p)
+    subsets: dict[str, list[str]] = {}
+    origin: dict[str, Path] = {}
+    for file in files:
+        if file.stem in subsets:
+            raise MemcoreError(f"{file}: subset name {file.stem!r} is also the name of {origin[file.stem]}; rename one")
+        subsets[file.stem] = load_prompts(file)
+        origin[file.stem] = file
+    return subsets

@@ -8,7 +8,10 @@ from memcore.mask import Mask, check_same_weights
 
 
 def prune(model, mask: Mask, force: bool = False) -> int:
-    """Zero the masked weights of ``model`` (a pipeline or its denoiser) in place.
+    """Zero the masked weights of ``model`` in place.
+
+    ``model`` is a pipeline, or its denoiser for masks of denoiser layers (every family but
+    ``text-mlp``).
 
     Biases and every other parameter are left untouched. A mask for other layers is refused; a
     mask made from other weights of the same shapes is refused unless ``force``.
@@ -16,11 +19,9 @@ def prune(model, mask: Mask, force: bool = False) -> int:
     Returns:
         the number of weights set to zero.
     """
-    from memcore.models import denoiser
     from memcore.targets import find_targets
 
-    net = model if isinstance(model, torch.nn.Module) else denoiser(model)
-    targets = find_targets(net)
+    targets = find_targets(model, mask.metadata.get("target", "ffn"))
     check_same_weights(targets, mask.metadata, "the mask", force)
     zeroed = 0
     with torch.no_grad():

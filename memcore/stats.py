@@ -91,14 +91,46 @@ def collect_stats(pipe, prompts: list[str], config: LocalizeConfig | None = None
     Every prompt starts from the same initial latent; the empty prompt runs once and its statistics
     are multiplied by the number of prompts (SPEC section 2).
     """
+    return collect_subset_stats(pipe, {"": prompts}, config)[""]
+
+
+def _groups(subsets: dict[str, list[str]]) -> list[tuple[tuple[tuple[str, int], ...], list[str]]]:
+    """Unique prompts grouped by the subsets they belong to (with their count in each subset).
+
+    Every prompt is run once, whatever the number of subsets it is in; a group's statistics are
+    added to each of its subsets. Groups keep the order in which their first prompt appears.
+    """
+    counts: dict[str, dict[str, int]] = {}
+    for name, prompts in subsets.items():
+        for prompt in prompts:
+            membership = counts.setdefault(prompt, {})
+            membership[name] = membership.get(name, 0) + 1
+    groups: dict[tuple[tuple[str, int], ...], list[str]] = {}
+    for prompt, membership in counts.items():
+        groups.setdefault(tuple(membership.items()), []).append(prompt)
+    return list(groups.items())
+
+
+def collect_subset_stats(
+    pipe, subsets: dict[str, list[str]], config: LocalizeConfig | None = None
+) -> dict[str, Statistics]:
+    """Statistics of several prompt subsets in one run, sharing the empty prompt's run.
+
+    Each distinct prompt is generated once, in batches that may span subsets, and its statistics are
+    routed to the subsets it belongs to. The empty prompt runs once; each subset's null statistic is
+    that run times the subset's number of prompts (SPEC section 2).
+    """
     from memcore.capture import CaptureState, apply_capture
     from memcore.driver import initial_latent, is_guided, run_first_calls
     from memcore.models import denoiser, model_id
     from memcore.targets import find_targets, weights_sha256
 
     config = config or LocalizeConfig()
-    if not prompts:
-        raise MemcoreError("no prompts to localize")
+    for name, prompts in subsets.items():
+        if not prompts:
+            raise MemcoreError(f"no prompts to localize{f' in subset {name}' if name else ''}")
+    if not subsets:
+        raise MemcoreError("no prompt subsets to localize")
     generation = resolve_generation(pipe, config)
     tau = config.timesteps
     total_calls = len(generation.call_timesteps)
@@ -106,14 +138,17 @@ def collect_stats(pipe, prompts: list[str], config: LocalizeConfig | None = None
         raise MemcoreError(f"--timesteps: {tau} is more than the {total_calls} denoiser calls of {generation.steps} steps")
 
     net = denoiser(pipe)
-    targets = find_targets(net)
+    targets = find_targets(pipe, config.target)
     device = pipe._execution_device
 
     def zeros() -> dict[str, torch.Tensor]:
         return {t.name: torch.zeros(tau, t.linear.in_features, dtype=torch.float32, device=device) for t in targets}
 
-    mem, null = zeros(), zeros()
-    batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+    groups = [(membership, prompts, zeros()) for membership, prompts in _groups(subsets)]
+    # one list of prompts, in group order, cut into batches that may span groups
+    order = [(prompt, acc) for _, prompts, acc in groups for prompt in prompts]
+    batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    null = zeros()
     latent = initial_latent(pipe, generation)
     state = CaptureState(num_calls=tau, rows=config.rows, guided=is_guided(pipe, generation), token_norm=config.token_norm)
     started = time.perf_counter()
@@ -123,29 +158,53 @@ def collect_stats(pipe, prompts: list[str], config: LocalizeConfig | None = None
         tqdm(total=(len(batches) + 1) * tau, desc="denoiser calls", unit="call", disable=None if config.progress else True) as bar,
     ):
         for batch in batches:
-            state.start_run(mem)
-            run_first_calls(pipe, batch, latent, generation, tau, on_call=bar.update)
+            state.start_run(_destinations([acc for _, acc in batch]))
+            run_first_calls(pipe, [prompt for prompt, _ in batch], latent, generation, tau, on_call=bar.update)
         state.start_run(null)
         run_first_calls(pipe, [""], latent, generation, tau, on_call=bar.update)
-    for acc in null.values():
-        acc.mul_(len(prompts))
+    seconds = round(time.perf_counter() - started, 3)
+    for _, _, acc in groups:
+        state.finish(acc, targets)
+    state.finish(null, targets)
 
-    metadata = {
+    common = {
         "format": FORMAT,
         "memcore_version": __version__,
         "model_id": model_id(pipe),
-        "target": "ffn",
+        "target": config.target,
         "weights_sha256": weights_sha256(targets),
         "dtype": str(net.dtype).removeprefix("torch."),
         "layers": [t.name for t in targets],
         "shapes": {t.name: list(t.shape) for t in targets},
-        "num_prompts": len(prompts),
-        "prompts_sha256": prompts_sha256(prompts),
         "timesteps": tau,
         "rows": config.rows,
         "token_norm": config.token_norm,
         "batch_size": config.batch_size,
-        "collect_seconds": round(time.perf_counter() - started, 3),
+        "collect_seconds": seconds,
         **generation.as_dict(),
     }
-    return Statistics(mem=mem, null=null, metadata=metadata)
+    result = {}
+    for name, prompts in subsets.items():
+        parts = [(dict(membership).get(name, 0), acc) for membership, _, acc in groups]
+        parts = [(count, acc) for count, acc in parts if count]
+        if len(parts) == 1 and parts[0][0] == 1:
+            mem = parts[0][1]
+        else:
+            mem = {layer: sum(count * acc[layer] for count, acc in parts) for layer in null}
+        metadata = {**common, "num_prompts": len(prompts), "prompts_sha256": prompts_sha256(prompts)}
+        if name:
+            metadata["subset"] = name
+        result[name] = Statistics(mem=mem, null={layer: acc * len(prompts) for layer, acc in null.items()}, metadata=metadata)
+    return result
+
+
+def _destinations(accumulators: list[dict[str, torch.Tensor]]):
+    """One destination per run of consecutive prompts of a batch sharing their accumulators."""
+    from memcore.capture import Destination
+
+    runs, start = [], 0
+    for i in range(1, len(accumulators) + 1):
+        if i == len(accumulators) or accumulators[i] is not accumulators[start]:
+            runs.append(Destination(accumulators[start], start, i))
+            start = i
+    return runs

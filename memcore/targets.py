@@ -1,13 +1,28 @@
-"""Finding the layers to score: the last Linear of every transformer feed-forward block.
+"""Finding the Linear layers to score, by structure, in forward-execution order.
 
-Layers are found by structure (diffusers ``FeedForward`` modules), never from a list of names, and
-returned in forward-execution order: a UNet runs its down blocks, then its mid block, then its up
-blocks, although ``named_modules()`` lists the mid block last.
+A *target family* names which Linear layers are scored (their input statistics, their weights):
+
+- ``ffn`` (the default, SPEC section 1): the last Linear of every diffusers ``FeedForward`` in the
+  denoiser. Whatever the activation (GEGLU in Stable Diffusion, tanh-GELU in PixArt), the statistics
+  are those of that Linear's input.
+- ``attn2.to_k`` and ``attn2.to_v``: the key and value projections of every cross-attention of the
+  denoiser. Their input is the text embedding, so their statistics come from the prompt alone.
+- ``text-mlp``: the output Linear of every MLP of the pipeline's text encoders (CLIP ``mlp.fc2``,
+  T5 ``DenseReluDense.wo``). The text encoders run once per generation, before the first denoiser
+  call; their statistics are the same at every call index.
+- anything else is a regular expression matched in full (``re.fullmatch``) against the denoiser's
+  module names; every matching ``nn.Linear`` is a target.
+
+Denoiser layers are named as in the denoiser (``down_blocks.0...``), text-encoder layers with their
+pipeline component first (``text_encoder_2.text_model...``). A UNet runs its down blocks, then its
+mid block, then its up blocks, although ``named_modules()`` lists the mid block last; text encoders
+run before the denoiser.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import torch
@@ -15,33 +30,81 @@ from torch import nn
 
 from memcore.errors import MemcoreError
 
+FFN = "ffn"
+FAMILIES = (FFN, "attn2.to_k", "attn2.to_v", "text-mlp")
+DENOISER, TEXT = "denoiser", "text"
+
 _EXECUTION_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+# Text-encoder MLPs by class name: CLIPMLP (fc1, fc2), T5DenseActDense and T5DenseGatedActDense (wo last).
+_TEXT_MLP = re.compile(r".*(MLP|DenseActDense|DenseGatedActDense)")
 
 
 @dataclass(frozen=True)
 class Target:
     """One Linear whose input statistics and weights are scored.
 
-    ``geglu`` is the diffusers GEGLU whose output is this Linear's input (through inactive dropout
-    only), when there is one: capture can then compute the statistics inside a fused GEGLU.
+    ``stage`` says when it runs: ``denoiser`` (once per denoiser call) or ``text`` (once per
+    generation, in a text encoder, before the first denoiser call). ``geglu`` is the diffusers GEGLU
+    whose output is this Linear's input (through inactive dropout only), when there is one: capture
+    can then compute the statistics inside a fused GEGLU.
     """
 
     name: str
     linear: nn.Linear
     geglu: nn.Module | None = None
+    stage: str = DENOISER
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.linear.out_features, self.linear.in_features)
 
 
-def find_targets(denoiser: nn.Module) -> list[Target]:
-    """The last Linear of each ``FeedForward`` in ``denoiser``, in forward-execution order."""
+def check_family(target: str) -> str:
+    """``target`` if it is a family name or a valid regular expression, else a one-line error."""
+    if target in FAMILIES:
+        return target
+    if not target:
+        raise MemcoreError(f"--target: empty; choose one of {', '.join(FAMILIES)} or a regular expression")
+    try:
+        re.compile(target)
+    except re.error as exc:
+        raise MemcoreError(f"--target {target!r}: not a family ({', '.join(FAMILIES)}) nor a valid regular expression ({exc})") from None
+    return target
+
+
+def find_targets(model, target: str = FFN) -> list[Target]:
+    """The target Linear layers of ``model`` (a pipeline, or a denoiser for denoiser families)."""
+    from memcore.models import denoiser
+
+    check_family(target)
+    is_module = isinstance(model, nn.Module)
+    if target == "text-mlp":
+        if is_module:
+            raise MemcoreError("--target text-mlp: needs the whole pipeline, not only its denoiser")
+        found = _text_mlp_targets(model)
+    else:
+        net = model if is_module else denoiser(model)
+        if target == FFN:
+            found = _ffn_targets(net)
+        elif target in FAMILIES:
+            found = _named_targets(net, lambda name: name.endswith("." + target))
+        else:
+            pattern = re.compile(target)
+            found = _named_targets(net, lambda name: pattern.fullmatch(name) is not None)
+        # sorted() is stable: blocks keep their registration order within down, mid and up.
+        found.sort(key=lambda t: _EXECUTION_RANK.get(t.name.split(".", 1)[0], 1))
+    if not found:
+        where = "the text encoders" if target == "text-mlp" else type(model if is_module else denoiser(model)).__name__
+        raise MemcoreError(f"--target {target}: no matching Linear layers in {where}")
+    return found
+
+
+def _ffn_targets(net: nn.Module) -> list[Target]:
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention import FeedForward
 
     found = []
-    for name, module in denoiser.named_modules():
+    for name, module in net.named_modules():
         if not isinstance(module, FeedForward):
             continue
         linears = [i for i, layer in enumerate(module.net) if isinstance(layer, nn.Linear)]
@@ -53,10 +116,34 @@ def find_targets(denoiser: nn.Module) -> list[Target]:
         feeds_directly = last > 0 and all(isinstance(m, nn.Dropout) and (m.p == 0 or not m.training) for m in between)
         geglu = first if type(first) is GEGLU and feeds_directly else None
         found.append(Target(f"{name}.net.{last}", module.net[last], geglu))
-    if not found:
-        raise MemcoreError(f"{type(denoiser).__name__}: no transformer feed-forward layers found")
-    # sorted() is stable: blocks keep their registration order within down, mid and up.
-    return sorted(found, key=lambda t: _EXECUTION_RANK.get(t.name.split(".", 1)[0], 1))
+    return found
+
+
+def _named_targets(net: nn.Module, selected) -> list[Target]:
+    return [Target(name, module) for name, module in net.named_modules() if isinstance(module, nn.Linear) and selected(name)]
+
+
+def text_encoders(pipe) -> dict[str, nn.Module]:
+    """The pipeline's text encoders by component name (``text_encoder``, ``text_encoder_2``, ...)."""
+    components = getattr(pipe, "components", {})
+    return {
+        name: module
+        for name, module in sorted(components.items())
+        if name.startswith("text_encoder") and isinstance(module, nn.Module)
+    }
+
+
+def _text_mlp_targets(pipe) -> list[Target]:
+    found = []
+    for component, encoder in text_encoders(pipe).items():
+        for name, module in encoder.named_modules():
+            if not _TEXT_MLP.fullmatch(type(module).__name__):
+                continue
+            linears = [(child, layer) for child, layer in module.named_children() if isinstance(layer, nn.Linear)]
+            if linears:
+                child, layer = linears[-1]
+                found.append(Target(f"{component}.{name}.{child}", layer, stage=TEXT))
+    return found
 
 
 def weights_sha256(targets: list[Target]) -> str:

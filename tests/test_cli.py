@@ -116,6 +116,8 @@ def test_bad_prompt_files(tmp_path, capsys, content, name, expect):
         (["--model", "/nonexistent/model"], "no such folder"),
         (["--model", "someone/not-cached-model"], "not in the local cache"),
         (["--out", "/nonexistent/folder/mask.safetensors"], "does not exist"),
+        (["--target", "(unclosed"], "--target"),
+        (["--target", r"nothing\.matches"], "no matching Linear"),
     ],
 )
 def test_bad_localize_arguments(tmp_path, capsys, prompt_file, args, expect):
@@ -168,3 +170,97 @@ def test_not_a_mask_file(tmp_path, capsys):
     work = tmp_path / "work"
     work.mkdir()
     assert_user_error(capsys, work, ["prune", "--model", "tiny", "--mask", bogus, "--out", work / "p"], "safetensors")
+
+
+def test_localize_subsets_writes_one_mask_per_subset(tmp_path, capsys):
+    subsets = tmp_path / "subsets"
+    subsets.mkdir()
+    (subsets / "memorize_10.txt").write_text("a painting of a fox\nthe great wave, print")
+    (subsets / "memorize_2.txt").write_text("the great wave, print\nportrait of a man in a hat")
+    (subsets / "notes.md").write_text("not a prompt file")
+    out, stats = tmp_path / "masks", tmp_path / "stats"
+    argv = ["localize", "--model", "tiny", "--subsets", subsets, "--out", out, "--stats-out", stats, "--per-step", "--json"]
+    code, stdout, err = run(capsys, *argv, *FAST)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert list(summary["subsets"]) == ["memorize_2", "memorize_10"]  # natural order
+    assert sorted(p.name for p in out.iterdir()) == ["memorize_10.safetensors", "memorize_2.safetensors"]
+    assert sorted(p.name for p in stats.iterdir()) == ["memorize_10.safetensors", "memorize_2.safetensors"]
+    mask = Mask.load(out / "memorize_2.safetensors")
+    assert mask.metadata["subset"] == "memorize_2" and mask.metadata["num_prompts"] == 2 and mask.per_step
+
+    # the folder exists now: refused before any work, and nothing is touched
+    code, _, err = run(capsys, *argv, *FAST)
+    assert code == 2 and "already exists" in err
+
+
+def test_localize_subsets_refuses_duplicate_names(tmp_path, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "set.txt").write_text("a fox")
+    argv = ["localize", "--model", "tiny", "--subsets", tmp_path / "a" / "set.txt", tmp_path / "b" / "set.txt",
+            "--out", tmp_path / "masks"]
+    code, _, err = run(capsys, *argv, *FAST)
+    assert code == 2 and "subset name 'set'" in err
+    assert not (tmp_path / "masks").exists()
+
+
+def test_localize_other_target_family(tmp_path, capsys, prompt_file):
+    out = tmp_path / "mask.safetensors"
+    code, _, err = run(capsys, "localize", "--model", "tiny", "--prompts", prompt_file, "--target", "attn2.to_v", "--out", out, *FAST)
+    assert code == 0, err
+    assert Mask.load(out).metadata["target"] == "attn2.to_v"
+    pruned = tmp_path / "pruned"
+    code, out_text, err = run(capsys, "prune", "--model", "tiny", "--mask", out, "--out", pruned)
+    assert code == 0, err
+
+
+def test_help_lists_every_model_name(capsys):
+    from memcore.models import ALIASES, TINY_MODELS
+
+    with pytest.raises(SystemExit):
+        main(["localize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in (*ALIASES, *TINY_MODELS))
+
+
+def test_analyze_and_generate(tmp_path, capsys, prompt_file):
+    subsets = []
+    for i, text in enumerate(["a painting of a fox\nthe great wave, print", "the great wave, print\na red car", "a fox\na man"]):
+        subsets.append(tmp_path / f"set{i}.txt")
+        subsets[-1].write_text(text)
+    masks = tmp_path / "masks"
+    code, _, err = run(capsys, "localize", "--model", "tiny", "--subsets", *subsets, "--out", masks, "--per-step", *FAST)
+    assert code == 0, err
+    files = sorted(masks.iterdir())
+
+    code, out, err = run(capsys, "analyze", *files, "--out", tmp_path / "analysis", "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["masks"] == ["set0", "set1", "set2"] and 0 < summary["iou"] <= 1
+    assert (tmp_path / "analysis" / "iou_heatmap.png").stat().st_size > 1000
+
+    # one mask: a pairwise statistic is refused, density alone is fine
+    code, _, err = run(capsys, "analyze", files[0], "--out", tmp_path / "one")
+    assert code == 2 and "at least two masks" in err
+    code, _, err = run(capsys, "analyze", files[0], "--out", tmp_path / "one", "--density-only")
+    assert code == 0, err
+    code, _, err = run(capsys, "analyze", *files, "--names", "a,b", "--out", tmp_path / "named")
+    assert code == 2 and "--names" in err
+
+    out_dir = tmp_path / "pictures"
+    argv = ["generate", "--model", "tiny", "--prompts", prompt_file, "--seeds", "0-1", "--mask", files[0], "--out", out_dir,
+            "--steps", "2", "--height", "64", "--width", "64", "--json"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    summary = json.loads(out)
+    assert summary["images"] == 3 * 2 * 2 and summary["zeroed_weights"] > 0
+    from PIL import Image
+
+    from memcore.generate import grid_size
+
+    assert Image.open(out_dir / "grid.png").size == grid_size(3, 2, 64, 64, pruned=True) == tuple(summary["grid_size"])
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "already exists" in err
+    code, _, err = run(capsys, *[a if a != "0-1" else "1,x" for a in argv[:-1]], "--out", tmp_path / "other")
+    assert code == 2 and "--seeds" in err

@@ -1,15 +1,36 @@
-"""The embedded tiny model: Stable Diffusion 1.5's architecture at toy width, random weights.
+"""Embedded tiny models: the published architectures at toy width, random weights, built offline.
 
-It has SD 1.5's block layout (three cross-attention down blocks, a cross-attention mid block, three
-cross-attention up blocks, two layers per block), so the same 16 feed-forward layers, with widths
-16/32/64 instead of 320/640/1280; SD 1.5's PNDM scheduler; a 2-layer CLIP text encoder; and a
-byte-level CLIP tokenizer (514 tokens, no merges) built in memory. The weights are a function of the
-seed alone, so two builds are bit-identical. Nothing is downloaded.
+Four families, each a diffusers pipeline whose denoiser has the block layout of the real model and
+widths of 16 to 64, so that localizing on it exercises the same code paths in about a second:
+
+``tiny``
+    Stable Diffusion 1.5: three cross-attention down blocks, a cross-attention mid block, three
+    cross-attention up blocks, two layers per block, so the same 16 feed-forward (GEGLU) layers
+    with widths 16/32/64 instead of 320/640/1280; PNDM with ``skip_prk_steps``; a 2-layer CLIP
+    text encoder (quick_gelu).
+``tiny-sd2``
+    Stable Diffusion 2.1 (768-v): SD 1.5's layout with per-block head counts, linear projections in
+    and out of the transformers, upcast attention; DDIM with v-prediction; a gelu CLIP encoder.
+``tiny-sdxl``
+    SDXL base: three levels (no attention at the first), several transformer blocks per attention
+    (``transformer_layers_per_block`` [1, 1, 2], the mid block takes the last), two text encoders
+    whose hidden states are concatenated, "text_time" added conditioning (pooled text embedding
+    and six size numbers); Euler with leading spacing; empty prompts give zero embeddings.
+``tiny-pixart``
+    PixArt-alpha: a DiT (PixArtTransformer2DModel, ada_norm_single) whose feed-forward is a
+    tanh-approximated GELU MLP, not a GEGLU; a T5 encoder; DPM-Solver++. Call it with
+    ``use_resolution_binning=False`` (binning knows only 256, 512 and 1024 px) and
+    ``clean_caption=False`` (cleaning needs bs4 and ftfy).
+
+Every text encoder reads the same byte-level CLIP tokenizer (514 tokens, no merges) built in
+memory. All images are 128 px (16 x 16 latents). The weights are a function of the seed alone, so
+two builds are bit-identical. The configs are the JSON files next to this module.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 
 import torch
@@ -46,31 +67,129 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
-def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """Build the tiny StableDiffusionPipeline on the CPU (well under a second, imports aside).
+def _seeded(seed: int, dtype: torch.dtype, **factories: Callable[[], torch.nn.Module]) -> dict:
+    """Call each factory in order under ``seed`` (float32 weights), then cast to ``dtype``.
 
-    The weights are drawn in float32 from ``seed`` and then cast to ``dtype``.
+    The global RNG is left as it was. The order of ``factories`` is part of the weights.
     """
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(_config("unet"))
-        vae = AutoencoderKL.from_config(_config("vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_config("text_encoder")))
+        modules = {name: make().eval() for name, make in factories.items()}
     if dtype != torch.float32:
-        for module in (unet, vae, text_encoder):
+        for module in modules.values():
             module.to(dtype)
+    return modules
+
+
+def _named(pipe, name: str):
+    pipe.register_to_config(_name_or_path=name)
+    return pipe
+
+
+def _unet(config: str):
+    from diffusers import UNet2DConditionModel
+
+    return lambda: UNet2DConditionModel.from_config(_config(config))
+
+
+def _vae(**overrides):
+    from diffusers import AutoencoderKL
+
+    return lambda: AutoencoderKL.from_config({**_config("vae"), **overrides})
+
+
+def _clip(config: str, projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    model = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return lambda: model(CLIPTextConfig(**_config(config)))
+
+
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``tiny``: the SD 1.5 StableDiffusionPipeline, on the CPU (well under a second, imports aside)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    parts = _seeded(seed, dtype, unet=_unet("unet"), vae=_vae(), text_encoder=_clip("text_encoder"))
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
+        **parts,
         tokenizer=build_tokenizer(),
-        unet=unet.eval(),
         scheduler=PNDMScheduler.from_config(_config("scheduler")),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.register_to_config(_name_or_path=MODEL_ID)
-    return pipe
+    return _named(pipe, MODEL_ID)
+
+
+def build_tiny_sd2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``tiny-sd2``: an SD 2.1 (768-v) StableDiffusionPipeline with a v-prediction DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    parts = _seeded(seed, dtype, unet=_unet("sd2_unet"), vae=_vae(), text_encoder=_clip("sd2_text_encoder"))
+    pipe = StableDiffusionPipeline(
+        **parts,
+        tokenizer=build_tokenizer(),
+        scheduler=DDIMScheduler.from_config(_config("sd2_scheduler")),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _named(pipe, f"{MODEL_ID}-sd2")
+
+
+def build_tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``tiny-sdxl``: an SDXL base StableDiffusionXLPipeline with two CLIP text encoders."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    parts = _seeded(
+        seed,
+        dtype,
+        unet=_unet("sdxl_unet"),
+        vae=_vae(scaling_factor=0.13025, force_upcast=True),
+        text_encoder=_clip("text_encoder"),
+        text_encoder_2=_clip("sdxl_text_encoder_2", projection=True),
+    )
+    pipe = StableDiffusionXLPipeline(
+        **parts,
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        scheduler=EulerDiscreteScheduler.from_config(_config("sdxl_scheduler")),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    return _named(pipe, f"{MODEL_ID}-sdxl")
+
+
+def build_tiny_pixart(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``tiny-pixart``: a PixArt-alpha PixArtAlphaPipeline (DiT denoiser, T5 text encoder)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    parts = _seeded(
+        seed,
+        dtype,
+        transformer=lambda: PixArtTransformer2DModel.from_config(_config("pixart_transformer")),
+        vae=_vae(),
+        text_encoder=lambda: T5EncoderModel(T5Config(**_config("pixart_text_encoder"))),
+    )
+    pipe = PixArtAlphaPipeline(
+        **parts,
+        tokenizer=build_tokenizer(),
+        scheduler=DPMSolverMultistepScheduler.from_config(_config("pixart_scheduler")),
+    )
+    return _named(pipe, f"{MODEL_ID}-pixart")
+
+
+FAMILIES: dict[str, Callable] = {
+    "tiny": build_tiny_pipeline,
+    "tiny-sd2": build_tiny_sd2,
+    "tiny-sdxl": build_tiny_sdxl,
+    "tiny-pixart": build_tiny_pixart,
+}
+
+
+def build(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Build the tiny pipeline ``name`` (a key of ``FAMILIES``) with weights drawn from ``seed``."""
+    if name not in FAMILIES:
+        raise KeyError(f"unknown tiny model {name!r}; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name](seed=seed, dtype=dtype)

@@ -1,0 +1,297 @@
+"""Pictures of what pruning does: the same prompts and seeds before and after ``W[mask] = 0``.
+
+For every prompt and seed the pipeline's own ``__call__`` generates an image from the x_T that
+``torch.manual_seed(seed)`` gives (:func:`memcore.driver.initial_latent`), so an original image and
+its pruned counterpart start from the same noise. With a mask, every original is generated first,
+then the pipeline is pruned **in place** (no copy of the model is made) and the pruned images are
+generated: pass a pipeline you no longer need unpruned.
+
+The output folder, written atomically (an error leaves nothing behind)::
+
+    out_dir/images/p{prompt:03d}_s{seed}.png          original images
+    out_dir/images/p{prompt:03d}_s{seed}_pruned.png   pruned images (with a mask)
+    out_dir/grid.png                                  all of them on one sheet
+    out_dir/manifest.json                             prompts, seeds, model, settings, mask summary
+
+Grid geometry (pixels; W x H is the image size, R prompts, C seeds, B blocks = 2 with a mask else 1)::
+
+    block width  = C * W + (C - 1) * GAP
+    grid width   = 2 * MARGIN + B * block width + (B - 1) * BLOCK_GAP
+    grid height  = 2 * MARGIN + (HEADER if B == 2 else 0) + SEED_BAND + R * (H + CAPTION)
+
+From the top: the margin; with a mask, a header band naming each block ("original", then
+"pruned" to its right); a band of seed labels above each column; then one row per prompt, each image
+tile followed below by a caption band holding the prompt (index and text, wrapped to the grid's
+inner width over at most two lines, then truncated with "...").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from memcore.config import LocalizeConfig, resolve_generation
+from memcore.errors import MemcoreError
+from memcore.io import atomic_dir, check_output_dir
+
+MARGIN, GAP, BLOCK_GAP = 8, 4, 24
+HEADER, SEED_BAND, CAPTION = 20, 16, 32
+CAPTION_LINES, LINE_HEIGHT, FONT_SIZE = 2, 14, 12
+MAX_SEEDS = 10_000
+_SEED_LIMIT = 2**64  # torch.manual_seed accepts 0 .. 2**64 - 1
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What :func:`generate` wrote (paths inside the final ``out_dir``)."""
+
+    out_dir: Path
+    grid: Path
+    grid_size: tuple[int, int]  # (width, height)
+    images: list[Path]  # originals, prompt-major: p000_s<seeds[0]>, p000_s<seeds[1]>, ...
+    pruned_images: list[Path]  # same order; empty without a mask
+    manifest: Path
+    zeroed: int | None  # weights set to zero by the mask; None without a mask
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,5-7"`` -> ``[0, 1, 5, 6, 7]``: comma-separated non-negative integers and ranges a-b."""
+    seeds: list[int] = []
+    for item in str(text).split(","):
+        item = item.strip()
+        low, sep, high = item.partition("-")
+        if not low.strip().isdigit() or (sep and not high.strip().isdigit()):
+            raise MemcoreError(f"--seeds: bad item {item!r} in {text!r} (use non-negative integers and ranges like 0-3)")
+        start, stop = int(low), int(high) if sep else int(low)
+        if stop < start:
+            raise MemcoreError(f"--seeds: range {item!r} runs backwards")
+        if len(seeds) + stop - start + 1 > MAX_SEEDS:
+            raise MemcoreError(f"--seeds: more than {MAX_SEEDS} seeds in {text!r}")
+        seeds.extend(range(start, stop + 1))
+    return check_seeds(seeds)
+
+
+def check_seeds(seeds) -> list[int]:
+    """The seeds as a list, or a one-line error: empty, not an integer, negative, too large, repeated."""
+    seeds = list(seeds)
+    if not seeds:
+        raise MemcoreError("--seeds: no seeds given")
+    seen = set()
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MemcoreError(f"--seeds: {seed!r} is not an integer")
+        if not 0 <= seed < _SEED_LIMIT:
+            raise MemcoreError(f"--seeds: {seed} is out of range (0 .. 2**64 - 1)")
+        if seed in seen:
+            raise MemcoreError(f"--seeds: seed {seed} is given twice")
+        seen.add(seed)
+    return seeds
+
+
+def grid_size(num_prompts: int, num_seeds: int, width: int, height: int, pruned: bool) -> tuple[int, int]:
+    """(width, height) of the grid for images of ``width`` x ``height`` (see the module docstring)."""
+    blocks = 2 if pruned else 1
+    block_w = num_seeds * width + (num_seeds - 1) * GAP
+    grid_w = 2 * MARGIN + blocks * block_w + (blocks - 1) * BLOCK_GAP
+    grid_h = 2 * MARGIN + (HEADER if pruned else 0) + SEED_BAND + num_prompts * (height + CAPTION)
+    return grid_w, grid_h
+
+
+def image_name(prompt_index: int, seed: int, pruned: bool = False) -> str:
+    return f"p{prompt_index:03d}_s{seed}{'_pruned' if pruned else ''}.png"
+
+
+def generate(
+    pipe,
+    prompts: list[str],
+    seeds: list[int],
+    *,
+    out_dir: str | os.PathLike,
+    mask=None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    force: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> GenerateResult:
+    """Generate every (prompt, seed) image, and with ``mask`` the same images after pruning.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline. **With a mask it is pruned in place.**
+        prompts: the prompts (rows of the grid).
+        seeds: distinct non-negative seeds (columns); see :func:`parse_seeds`.
+        mask: a :class:`memcore.mask.Mask`, the path of a mask file, or ``None`` for originals only.
+        out_dir: the folder to create; it must not exist.
+        steps, guidance, height, width: generation settings, ``None`` for the pipeline's defaults.
+        force: apply a mask made from other weights of the same shapes.
+        batch_size: prompts per pipeline call (all share the seed's x_T).
+        progress: show a progress bar over images (on a terminal).
+    """
+    out = check_output_dir(out_dir, "--out")
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise MemcoreError("--prompts: expected a non-empty list of prompt strings")
+    prompts, seeds = list(prompts), check_seeds(seeds)
+    if batch_size < 1:
+        raise MemcoreError(f"--batch-size: must be at least 1, got {batch_size}")
+    settings = resolve_generation(pipe, LocalizeConfig(steps=steps, guidance=guidance, height=height, width=width))
+    mask_path = None
+    if isinstance(mask, (str, os.PathLike)):
+        from memcore.mask import Mask
+
+        mask_path, mask = str(mask), Mask.load(mask)
+    if mask is not None:
+        _check_mask(pipe, mask, force)  # before generating anything, not only when pruning
+
+    from tqdm.auto import tqdm
+
+    from memcore.models import model_id
+
+    pipe.set_progress_bar_config(disable=True)
+    total = len(prompts) * len(seeds) * (2 if mask is not None else 1)
+    zeroed = None
+    with atomic_dir(out) as tmp, tqdm(total=total, desc="generate", unit="image", disable=None if progress else True) as bar:
+        (tmp / "images").mkdir()
+        _render(pipe, prompts, seeds, settings, batch_size, tmp, False, bar)
+        if mask is not None:
+            from memcore.prune import prune
+
+            zeroed = prune(pipe, mask, force=force)
+            _render(pipe, prompts, seeds, settings, batch_size, tmp, True, bar)
+        size = _draw_grid(tmp, prompts, seeds, settings.width, settings.height, mask is not None)
+        manifest = {
+            "model_id": model_id(pipe),
+            "dtype": str(pipe.dtype).removeprefix("torch."),
+            "prompts": prompts,
+            "seeds": seeds,
+            "settings": {k: v for k, v in settings.as_dict().items() if k not in ("seed", "call_timesteps")},
+            "batch_size": batch_size,
+            "mask": None if mask is None else _mask_summary(mask, mask_path, zeroed, force),
+            "grid": {"path": "grid.png", "size": list(size), "rows": "prompts", "columns": "seeds"},
+            "images": [
+                {"prompt": i, "seed": s, "original": f"images/{image_name(i, s)}"}
+                | ({"pruned": f"images/{image_name(i, s, True)}"} if mask is not None else {})
+                for i in range(len(prompts))
+                for s in seeds
+            ],
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    names = [(i, s) for i in range(len(prompts)) for s in seeds]
+    return GenerateResult(
+        out_dir=out,
+        grid=out / "grid.png",
+        grid_size=size,
+        images=[out / "images" / image_name(i, s) for i, s in names],
+        pruned_images=[out / "images" / image_name(i, s, True) for i, s in names] if mask is not None else [],
+        manifest=out / "manifest.json",
+        zeroed=zeroed,
+    )
+
+
+def _check_mask(pipe, mask, force: bool) -> None:
+    """The check :func:`memcore.prune.prune` makes, done before any image is generated."""
+    from memcore.mask import check_same_weights
+    from memcore.targets import FFN, find_targets
+
+    check_same_weights(find_targets(pipe, mask.metadata.get("target", FFN)), mask.metadata, "the mask", force)
+
+
+def _mask_summary(mask, path: str | None, zeroed: int | None, force: bool) -> dict:
+    meta = mask.metadata
+    keys = ("model_id", "target", "sparsity", "timesteps", "weights_sha256")
+    return {"path": path} | {k: meta[k] for k in keys if k in meta} | {
+        "layers": len(mask.layers),
+        "zeroed": zeroed,
+        "force": force,
+    }
+
+
+def _render(pipe, prompts, seeds, settings, batch_size: int, folder: Path, pruned: bool, bar) -> None:
+    """Generate and save every image: per seed, its x_T repeated over each batch of prompts."""
+    from memcore.driver import call_kwargs, initial_latent
+
+    extra = call_kwargs(pipe)  # e.g. PixArt: no resolution binning, so the size is the one x_T was drawn at
+    for seed in seeds:
+        latent = initial_latent(pipe, replace(settings, seed=seed))
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            # The generator only matters to schedulers that add noise while stepping (ancestral ones):
+            # seeded the same way, it makes that noise the same for the original and the pruned model.
+            generator = torch.Generator(device=latent.device).manual_seed(seed)
+            images = pipe(
+                prompt=batch,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                height=settings.height,
+                width=settings.width,
+                latents=latent.repeat(len(batch), 1, 1, 1),
+                generator=generator,
+                output_type="pil",
+                **extra,
+            ).images
+            for offset, image in enumerate(images):
+                image.save(folder / "images" / image_name(start + offset, seed, pruned))
+            bar.update(len(batch))
+
+
+def _draw_grid(folder: Path, prompts, seeds, width: int, height: int, pruned: bool) -> tuple[int, int]:
+    """Compose ``folder/grid.png`` from the saved images; returns its (width, height)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    size = grid_size(len(prompts), len(seeds), width, height, pruned)
+    grid = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=FONT_SIZE)
+    block_w = len(seeds) * width + (len(seeds) - 1) * GAP
+    top = MARGIN + (HEADER if pruned else 0)
+    for block, title in enumerate(("original", "pruned") if pruned else ("original",)):
+        left = MARGIN + block * (block_w + BLOCK_GAP)
+        if pruned:
+            draw.text((left + block_w / 2, MARGIN + HEADER / 2), title, fill="black", font=font, anchor="mm")
+        for col, seed in enumerate(seeds):
+            x = left + col * (width + GAP)
+            label = _fit(draw, f"seed {seed}", width, font)
+            draw.text((x + width / 2, top + SEED_BAND / 2), label, fill="dimgray", font=font, anchor="mm")
+            for row in range(len(prompts)):
+                with Image.open(folder / "images" / image_name(row, seed, block == 1)) as image:
+                    grid.paste(image.convert("RGB"), (x, top + SEED_BAND + row * (height + CAPTION)))
+    for row, prompt in enumerate(prompts):
+        y = top + SEED_BAND + row * (height + CAPTION) + height + 1
+        for line_no, line in enumerate(_wrap(draw, f"{row}: {prompt}", size[0] - 2 * MARGIN, font)):
+            draw.text((MARGIN, y + line_no * LINE_HEIGHT), line, fill="black", font=font)
+    grid.save(folder / "grid.png")
+    return size
+
+
+def _fit(draw, text: str, width: float, font) -> str:
+    """``text`` cut to ``width`` pixels, ending in "..." when cut."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    low, high = 0, len(text)  # binary search for the longest prefix that fits with "..."
+    while low < high:
+        mid = (low + high + 1) // 2
+        if draw.textlength(text[:mid] + "...", font=font) <= width:
+            low = mid
+        else:
+            high = mid - 1
+    return text[:low].rstrip() + "..."
+
+
+def _wrap(draw, text: str, width: float, font) -> list[str]:
+    """``text`` on at most CAPTION_LINES lines of ``width`` pixels, broken at spaces where possible."""
+    text = " ".join(text.split())  # newlines, tabs and runs of spaces become single spaces
+    lines: list[str] = []
+    while text and len(lines) < CAPTION_LINES - 1:
+        if draw.textlength(text, font=font) <= width:
+            break
+        cut = len(_fit(draw, text, width, font)) - 3  # characters that fit with room for "..."
+        space = text.rfind(" ", 0, cut + 1)
+        cut = space if space > 0 else max(cut, 1)
+        lines.append(text[:cut].rstrip())
+        text = text[cut:].lstrip()
+    return lines + ([_fit(draw, text, width, font)] if text else [])
