@@ -240,3 +240,19 @@ def test_load_pipeline_accepts_every_tiny_name(name):
 def test_aliases_for_new_families():
     assert resolve_model_id("sdxl") == "stabilityai/stable-diffusion-xl-base-1.0"
     assert resolve_model_id("pixart") == "PixArt-alpha/PixArt-XL-2-512x512"
+
+
+@pytest.mark.parametrize(
+    "file, count, key_in",
+    [("sd15_unet.json", 16, 768), ("sd21_unet.json", 16, 1024), ("sdxl_base_unet.json", 70, 2048),
+     ("pixart_xl_2_1024_ms_transformer.json", 28, 1152)],
+)
+def test_cross_attention_families_on_published_configs(file, count, key_in):
+    net = meta_denoiser(file)
+    ffn = find_targets(net)
+    for family in ("attn2.to_k", "attn2.to_v"):
+        targets = find_targets(net, family)
+        assert len(targets) == count
+        # one per transformer block, in the same execution order as the feed-forward layers
+        assert [t.name.rsplit(".attn2.", 1)[0] for t in targets] == [t.name.rsplit(".ff.", 1)[0] for t in ffn]
+        assert all(t.linear.in_features == key_in and t.stage == "denoiser" for t in targets)
