@@ -159,12 +159,13 @@ class FusedGegluHook(ModelHook):
     def new_forward(self, module, hidden_states, *args, **kwargs):
         state = self.state
         projected = module.proj(hidden_states)
-        if not 0 <= state.call_index < state.num_calls:
-            h, gate = projected.chunk(2, dim=-1)
-            return h * module.gelu(gate)
         copies = 2 if state.guided else 1
         first_copy = copies - 1 if state.rows == "cond" else 0
-        ranges = list(state.row_ranges(projected.shape, copies, first_copy))  # the output has the same rows
+        counted = 0 <= state.call_index < state.num_calls
+        ranges = list(state.row_ranges(projected.shape, copies, first_copy)) if counted else []  # same rows as X
+        if not ranges:
+            h, gate = projected.chunk(2, dim=-1)
+            return h * module.gelu(gate)
         call = state.call_index
         accumulators, start, end = ranges[0]
         out = geglu_accumulate(projected, accumulators[self.layer][call], start, end, state.token_norm)

@@ -72,15 +72,28 @@ class SkipAfterHook(ModelHook):
         return Transformer2DModelOutput(sample=zeros) if kwargs.get("return_dict", True) else (zeros,)
 
 
-def call_kwargs(pipe) -> dict:
-    """Settings some pipelines (PixArt) need to run at exactly the requested size, quietly."""
+def call_arguments(pipe, prompts: list[str], latent: torch.Tensor, generation: Generation) -> dict:
+    """Arguments of the pipeline's ``__call__`` generating ``prompts`` from the shared x_T ``latent``.
+
+    Some pipelines (PixArt) need settings to run at exactly the requested size, quietly: no snapping
+    of the size to aspect-ratio bins (the latent is drawn at the requested size), and no caption
+    cleaning when its optional libraries are missing (the pipeline falls back to that anyway, with a
+    warning per call).
+    """
     params = inspect.signature(pipe.__call__).parameters
-    kwargs = {}
-    if "use_resolution_binning" in params:  # it snaps the size to bins; the latent is drawn at the requested size
-        kwargs["use_resolution_binning"] = False
+    arguments = dict(
+        prompt=prompts,
+        num_inference_steps=generation.steps,
+        guidance_scale=generation.guidance,
+        height=generation.height,
+        width=generation.width,
+        latents=latent.repeat(len(prompts), 1, 1, 1),
+    )
+    if "use_resolution_binning" in params:
+        arguments["use_resolution_binning"] = False
     if "clean_caption" in params and not all(importlib.util.find_spec(m) for m in ("bs4", "ftfy")):
-        kwargs["clean_caption"] = False  # what the pipeline falls back to anyway, with a warning per call
-    return kwargs
+        arguments["clean_caption"] = False
+    return arguments
 
 
 def run_first_calls(
@@ -92,16 +105,7 @@ def run_first_calls(
     on_call: Callable[[], None] | None = None,
 ) -> None:
     """Generate for ``prompts`` from the shared latent, stopping after ``num_calls`` denoiser calls."""
-    kwargs = dict(
-        prompt=prompts,
-        num_inference_steps=generation.steps,
-        guidance_scale=generation.guidance,
-        height=generation.height,
-        width=generation.width,
-        latents=latent.repeat(len(prompts), 1, 1, 1),
-        output_type="latent",
-        **call_kwargs(pipe),
-    )
+    kwargs = call_arguments(pipe, prompts, latent, generation) | {"output_type": "latent"}
     if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
 
         def stop_after(pipeline, step, timestep, callback_kwargs):

@@ -213,9 +213,8 @@ def _mask_summary(mask, path: str | None, zeroed: int | None, force: bool) -> di
 
 def _render(pipe, prompts, seeds, settings, batch_size: int, folder: Path, pruned: bool, bar) -> None:
     """Generate and save every image: per seed, its x_T repeated over each batch of prompts."""
-    from memcore.driver import call_kwargs, initial_latent
+    from memcore.driver import call_arguments, initial_latent
 
-    extra = call_kwargs(pipe)  # e.g. PixArt: no resolution binning, so the size is the one x_T was drawn at
     for seed in seeds:
         latent = initial_latent(pipe, replace(settings, seed=seed))
         for start in range(0, len(prompts), batch_size):
@@ -223,17 +222,7 @@ def _render(pipe, prompts, seeds, settings, batch_size: int, folder: Path, prune
             # The generator only matters to schedulers that add noise while stepping (ancestral ones):
             # seeded the same way, it makes that noise the same for the original and the pruned model.
             generator = torch.Generator(device=latent.device).manual_seed(seed)
-            images = pipe(
-                prompt=batch,
-                num_inference_steps=settings.steps,
-                guidance_scale=settings.guidance,
-                height=settings.height,
-                width=settings.width,
-                latents=latent.repeat(len(batch), 1, 1, 1),
-                generator=generator,
-                output_type="pil",
-                **extra,
-            ).images
+            images = pipe(**call_arguments(pipe, batch, latent, settings), generator=generator, output_type="pil").images
             for offset, image in enumerate(images):
                 image.save(folder / "images" / image_name(start + offset, seed, pruned))
             bar.update(len(batch))

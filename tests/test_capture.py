@@ -160,3 +160,30 @@ def test_fused_geglu_capture_equals_input_hooks(tiny_pipe, prompts):
         results[fused] = accumulators
     for name in results[True]:
         torch.testing.assert_close(results[True][name], results[False][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("rows", ["both", "cond"])
+def test_fused_geglu_routes_prompt_ranges_like_input_hooks(tiny_pipe, prompts, rows):
+    from memcore.capture import CaptureState, Destination, apply_capture
+    from memcore.driver import is_guided, run_first_calls
+
+    net = tiny_pipe.unet
+    targets = find_targets(net)
+    generation = resolve_generation(tiny_pipe, LocalizeConfig(height=64, width=64))
+    latent = initial_latent(tiny_pipe, generation)
+    results = {}
+    for fused in (True, False):
+        first, rest = ({t.name: torch.zeros(2, t.linear.in_features) for t in targets} for _ in range(2))
+        state = CaptureState(num_calls=2, rows=rows, guided=is_guided(tiny_pipe, generation))
+        with torch.no_grad(), apply_capture(net, targets, state, fused=fused):
+            state.start_run([Destination(first, 0, 1), Destination(rest, 1, len(prompts))])
+            run_first_calls(tiny_pipe, prompts, latent, generation, 2)
+        results[fused] = (first, rest)
+    for part in range(2):
+        for name, acc in results[True][part].items():
+            assert (acc > 0).all(), name
+            torch.testing.assert_close(acc, results[False][part][name], rtol=1e-5, atol=1e-6, msg=name)
+    # the two destinations split what one destination for the whole batch collects
+    whole = collect_stats(tiny_pipe, prompts, LocalizeConfig(height=64, width=64, timesteps=2, rows=rows, batch_size=3, progress=False))
+    for name in whole.layers:
+        torch.testing.assert_close(results[False][0][name] + results[False][1][name], whole.mem[name], rtol=1e-5, atol=1e-6)

@@ -105,35 +105,32 @@ def _clip(config: str, projection: bool = False):
     return lambda: model(CLIPTextConfig(**_config(config)))
 
 
-def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """``tiny``: the SD 1.5 StableDiffusionPipeline, on the CPU (well under a second, imports aside)."""
-    from diffusers import PNDMScheduler, StableDiffusionPipeline
+def _stable_diffusion(seed: int, dtype: torch.dtype, unet: str, text_encoder: str, scheduler, scheduler_config: str):
+    from diffusers import StableDiffusionPipeline
 
-    parts = _seeded(seed, dtype, unet=_unet("unet"), vae=_vae(), text_encoder=_clip("text_encoder"))
-    pipe = StableDiffusionPipeline(
+    parts = _seeded(seed, dtype, unet=_unet(unet), vae=_vae(), text_encoder=_clip(text_encoder))
+    return StableDiffusionPipeline(
         **parts,
         tokenizer=build_tokenizer(),
-        scheduler=PNDMScheduler.from_config(_config("scheduler")),
+        scheduler=scheduler.from_config(_config(scheduler_config)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return _named(pipe, MODEL_ID)
+
+
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``tiny``: the SD 1.5 StableDiffusionPipeline, on the CPU (well under a second, imports aside)."""
+    from diffusers import PNDMScheduler
+
+    return _named(_stable_diffusion(seed, dtype, "unet", "text_encoder", PNDMScheduler, "scheduler"), MODEL_ID)
 
 
 def build_tiny_sd2(seed: int = 0, dtype: torch.dtype = torch.float32):
     """``tiny-sd2``: an SD 2.1 (768-v) StableDiffusionPipeline with a v-prediction DDIM scheduler."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
-    parts = _seeded(seed, dtype, unet=_unet("sd2_unet"), vae=_vae(), text_encoder=_clip("sd2_text_encoder"))
-    pipe = StableDiffusionPipeline(
-        **parts,
-        tokenizer=build_tokenizer(),
-        scheduler=DDIMScheduler.from_config(_config("sd2_scheduler")),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    pipe = _stable_diffusion(seed, dtype, "sd2_unet", "sd2_text_encoder", DDIMScheduler, "sd2_scheduler")
     return _named(pipe, f"{MODEL_ID}-sd2")
 
 
