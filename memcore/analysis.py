@@ -271,7 +271,7 @@ def _check_per_step(mask: Mask, name: str) -> None:
     if not meta.get("per_step") or any(layer not in mask.per_step for layer in layers):
         raise MemcoreError(
             f"{name}: mask has no per-step data; recompute it with --per-step "
-            "(memcore mask --per-step or memcore localize --per-step)"
+            "(memcore mask --per-step or memcore localize --per-step), or compare two masks with memcore iou"
         )
     tau = meta.get("timesteps")
     for layer in layers:

@@ -117,6 +117,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
 
     p = sub.add_parser(
+        "iou",
+        help="IoU of two masks per layer, against the chance IoU of random masks of equal density",
+        description="Compare two masks of the same layers (any settings; no per-step data needed): the IoU of "
+        "their weights per layer and pooled over layers, and the IoU two random masks with the same counts "
+        "per layer would have. The IoU of two empty masks is defined as 1.0.",
+    )
+    p.add_argument("masks", nargs=2, metavar="MASK", help="two mask files")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+
+    p = sub.add_parser(
         "generate",
         help="images for prompts and seeds, and with --mask the same images after pruning, on one grid",
         description="Generate one image per prompt and seed (the same x_T per seed for the original and the "
@@ -305,6 +315,24 @@ def cmd_analyze(args) -> None:
     _emit(args, summary, line)
 
 
+def cmd_iou(args) -> None:
+    from memcore.analysis import mask_iou
+
+    result = mask_iou(*args.masks)
+    iou, chance = result.iou, result.chance
+    summary = {
+        "masks": list(args.masks),
+        "iou": result.iou_all,
+        "iou_chance": result.chance_all,
+        "layers": {name: {"iou": iou[name], "iou_chance": chance[name]} for name in result.layers},
+    }
+    width = max(len(name) for name in result.layers)
+    lines = [f"{'layer':{width}}  iou     chance"]
+    lines += [f"{name:{width}}  {iou[name]:.4f}  {chance[name]:.4f}" for name in result.layers]
+    lines.append(f"{'all (pooled)':{width}}  {result.iou_all:.4f}  {result.chance_all:.4f}")
+    _emit(args, summary, "\n".join(lines))
+
+
 def cmd_generate(args) -> None:
     from memcore.generate import check_seeds, parse_seeds
     from memcore.io import check_output_dir
@@ -407,6 +435,7 @@ COMMANDS = {
     "mask": cmd_mask,
     "prune": cmd_prune,
     "analyze": cmd_analyze,
+    "iou": cmd_iou,
     "generate": cmd_generate,
     "env": cmd_env,
 }

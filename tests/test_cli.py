@@ -264,3 +264,21 @@ def test_analyze_and_generate(tmp_path, capsys, prompt_file):
     assert code == 2 and "already exists" in err
     code, _, err = run(capsys, *[a if a != "0-1" else "1,x" for a in argv[:-1]], "--out", tmp_path / "other")
     assert code == 2 and "--seeds" in err
+
+
+def test_iou_of_two_masks_without_per_step(tmp_path, capsys, prompt_file):
+    paths = []
+    for sparsity in ("0.05", "0.1"):
+        paths.append(tmp_path / f"mask_{sparsity}.safetensors")
+        argv = ["localize", "--model", "tiny", "--prompts", prompt_file, "--out", paths[-1], *FAST[:-2], "--sparsity", sparsity]
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+    code, out, err = run(capsys, "iou", *paths, "--json")
+    assert code == 0, err
+    summary = json.loads(out)
+    # every weight of the s = 0.05 mask is in the s = 0.1 mask: IoU = |small| / |large|
+    small, large = (Mask.load(p) for p in paths)
+    assert summary["iou"] == pytest.approx(small.density() / large.density())
+    assert 0 < summary["iou_chance"] < summary["iou"] and len(summary["layers"]) == 16
+    code, _, err = run(capsys, "analyze", *paths, "--out", tmp_path / "analysis")
+    assert code == 2 and "per-step" in err and "memcore iou" in err
