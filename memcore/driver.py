@@ -11,9 +11,11 @@ scheduler steps.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import inspect
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -50,6 +52,42 @@ def is_guided(pipe, generation: Generation) -> bool:
 
 
 SKIP_HOOK = "memcore_skip_after"
+TRUNCATED = "The following part of your input was truncated"
+
+logger = logging.getLogger("memcore")
+
+
+class _TruncationCounter(logging.Filter):
+    """Drops the pipeline's truncation warning (one per batch with a long prompt) and counts it."""
+
+    def __init__(self):
+        super().__init__()
+        self.batches = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.getMessage().startswith(TRUNCATED):
+            self.batches += 1
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def truncation_reported_once(pipe) -> Iterator[None]:
+    """Within the block, the pipeline's per-batch warning about prompts longer than its text
+    encoder's limit (CLIP: 77 tokens) becomes one line at the end. Truncating is what the pipeline
+    does and what the method expects (SPEC section 2); the warning only repeats it."""
+    source = logging.getLogger(type(pipe).__module__)
+    counter = _TruncationCounter()
+    source.addFilter(counter)
+    try:
+        yield
+    finally:
+        source.removeFilter(counter)
+        if counter.batches:
+            logger.warning(
+                "memcore: prompts longer than the text encoder's limit were truncated, as the pipeline does "
+                "(%d batch%s)", counter.batches, "" if counter.batches == 1 else "es",
+            )
 
 
 class SkipAfterHook(ModelHook):

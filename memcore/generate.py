@@ -155,7 +155,13 @@ def generate(
     pipe.set_progress_bar_config(disable=True)
     total = len(prompts) * len(seeds) * (2 if mask is not None else 1)
     zeroed = None
-    with atomic_dir(out) as tmp, tqdm(total=total, desc="generate", unit="image", disable=None if progress else True) as bar:
+    from memcore.driver import truncation_reported_once
+
+    with (
+        atomic_dir(out) as tmp,
+        truncation_reported_once(pipe),
+        tqdm(total=total, desc="generate", unit="image", disable=None if progress else True) as bar,
+    ):
         (tmp / "images").mkdir()
         _render(pipe, prompts, seeds, settings, batch_size, tmp, False, bar)
         if mask is not None:

@@ -121,7 +121,7 @@ def collect_subset_stats(
     that run times the subset's number of prompts (SPEC section 2).
     """
     from memcore.capture import CaptureState, apply_capture
-    from memcore.driver import initial_latent, is_guided, run_first_calls
+    from memcore.driver import initial_latent, is_guided, run_first_calls, truncation_reported_once
     from memcore.models import denoiser, model_id
     from memcore.targets import find_targets, weights_sha256
 
@@ -155,6 +155,7 @@ def collect_subset_stats(
     with (
         torch.no_grad(),
         apply_capture(net, targets, state),
+        truncation_reported_once(pipe),
         tqdm(total=(len(batches) + 1) * tau, desc="denoiser calls", unit="call", disable=None if config.progress else True) as bar,
     ):
         for batch in batches:

@@ -1,5 +1,7 @@
 """Target families, prompt subsets and every tiny model family, end to end on the CPU."""
 
+import logging
+
 import pytest
 import torch
 
@@ -147,3 +149,36 @@ def test_pixart_calls_after_tau_are_skipped(prompts):
 
 def test_all_families_listed():
     assert FAMILIES == ("ffn", "attn2.to_k", "attn2.to_v", "text-mlp")
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_truncation_is_reported_once(tiny_pipe, caplog):
+    from memcore.config import resolve_generation
+    from memcore.driver import initial_latent, run_first_calls
+
+    long_prompt = "a very long prompt " * 30  # far beyond 77 tokens
+    config = LocalizeConfig(**SMALL, batch_size=1)
+    # what reaches the handlers of the pipeline's own logger
+    source, seen = logging.getLogger(type(tiny_pipe).__module__), Collect()
+    source.addHandler(seen)
+    try:
+        generation = resolve_generation(tiny_pipe, config)
+        with torch.no_grad():  # the pipeline alone warns once per batch
+            run_first_calls(tiny_pipe, [long_prompt], initial_latent(tiny_pipe, generation), generation, 1)
+        assert sum(m.startswith("The following part of your input was truncated") for m in seen.messages) == 1
+        seen.messages.clear()
+        with caplog.at_level("WARNING", logger="memcore"):
+            collect_stats(tiny_pipe, [long_prompt, "short"], config)
+    finally:
+        source.removeHandler(seen)
+    assert not any(m.startswith("The following part of your input was truncated") for m in seen.messages)
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("were truncated, as the pipeline does (1 batch)" in m for m in messages) == 1
