@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         "axis. The masks must come from the same model and settings, computed with --per-step. The IoU of two "
         "empty masks is defined as 1.0. Writes analysis.csv, density.csv, pairs.csv and PNG figures.",
     )
-    p.add_argument("masks", nargs="+", metavar="MASK", help="mask files (at least two, unless --density-only)")
+    p.add_argument(
+        "masks", nargs="+", metavar="MASK", help="mask files, or folders of them (at least two, unless --density-only)"
+    )
     p.add_argument("--out", required=True, help="folder for the tables and figures (created if missing)")
     p.add_argument("--names", help="comma-separated short names for the masks (default: the file names)")
     p.add_argument("--density-only", action="store_true", help="only the density tables and figures (one mask is enough)")
@@ -293,12 +295,14 @@ def cmd_prune(args) -> None:
 
 def cmd_analyze(args) -> None:
     from memcore.analysis import analyze
+    from memcore.io import files_in
 
     started = time.perf_counter()
+    masks = files_in(args.masks, (".safetensors",), "mask files")
     names = [n.strip() for n in args.names.split(",")] if args.names else None
-    if names is not None and len(names) != len(args.masks):
-        raise MemcoreError(f"--names: {len(names)} names for {len(args.masks)} masks")
-    result = analyze(args.masks, args.out, names=names, density_only=args.density_only)
+    if names is not None and len(names) != len(masks):
+        raise MemcoreError(f"--names: {len(names)} names for {len(masks)} masks")
+    result = analyze(masks, args.out, names=names, density_only=args.density_only)
     dens, pairs = result.density, result.pairwise
     summary = {
         "out": str(args.out),

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from memcore.errors import MemcoreError
+
+
+def natural_key(path: Path) -> list:
+    """Sort key putting ``memorize_2`` before ``memorize_10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def files_in(paths: list[str | os.PathLike], suffixes: tuple[str, ...], what: str) -> list[Path]:
+    """``paths`` with every folder among them replaced by its files of ``suffixes``, in natural order."""
+    files: list[Path] = []
+    for path in paths:
+        p = Path(path)
+        if p.is_dir():
+            found = sorted((f for f in p.iterdir() if f.is_file() and f.suffix.lower() in suffixes), key=natural_key)
+            if not found:
+                raise MemcoreError(f"{path}: no {what} ({', '.join(suffixes)}) in this folder")
+            files.extend(found)
+        else:
+            files.append(p)
+    return files
 
 
 def check_output_file(path: str | os.PathLike, option: str) -> Path:

@@ -12,7 +12,6 @@ import io
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 from memcore.errors import MemcoreError
@@ -121,27 +120,15 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def _natural_key(path: Path) -> list:
-    """Sort key putting ``memorize_2`` before ``memorize_10``."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
 def load_subsets(paths: list[str | os.PathLike]) -> dict[str, list[str]]:
     """Prompt subsets by name (the file stem), from prompt files or from one folder of them.
 
     A folder contributes every ``.txt``, ``.jsonl`` and ``.csv`` file directly inside it, in natural
     order (``memorize_2`` before ``memorize_10``). Two files with the same stem are refused.
     """
-    files: list[Path] = []
-    for path in paths:
-        p = Path(path)
-        if p.is_dir():
-            found = sorted((f for f in p.iterdir() if f.is_file() and f.suffix.lower() in _READERS), key=_natural_key)
-            if not found:
-                raise MemcoreError(f"{path}: no prompt files ({', '.join(_READERS)}) in this folder")
-            files.extend(found)
-        else:
-            files.append(p)
+    from memcore.io import files_in
+
+    files = files_in(paths, tuple(_READERS), "prompt files")
     subsets: dict[str, list[str]] = {}
     origin: dict[str, Path] = {}
     for file in files:

@@ -234,7 +234,7 @@ def test_analyze_and_generate(tmp_path, capsys, prompt_file):
     assert code == 0, err
     files = sorted(masks.iterdir())
 
-    code, out, err = run(capsys, "analyze", *files, "--out", tmp_path / "analysis", "--json")
+    code, out, err = run(capsys, "analyze", masks, "--out", tmp_path / "analysis", "--json")  # a folder of masks
     assert code == 0, err
     summary = json.loads(out)
     assert summary["masks"] == ["set0", "set1", "set2"] and 0 < summary["iou"] <= 1
