@@ -4,6 +4,13 @@ For each model: localize every subset in one run (shared empty-prompt run, batch
 per-step masks), analyze the masks (density and pairwise IoU per call index and layer, with a chance
 baseline), and draw a few prompts before and after pruning with the first subset's mask.
 
+Control: subsets of the same size cut from a list of non-memorized prompts are localized in the same
+run. The Wanda score multiplies by |W|, which every mask of a model shares, so overlap beyond the
+position-chance baseline is expected of any two masks; what supports the paper's claim is memorized
+subsets overlapping more with each other than with the control subsets. The report gives the mean
+IoU (union masks, pooled over layers) within the memorized subsets, within the control subsets and
+across the two.
+
     python examples/subset_experiment.py                       # tiny model, subsets memorize_0..9
     python examples/subset_experiment.py --model sd15          # also SD 1.5, if its weights are local
     python examples/subset_experiment.py --model /path/to/sd15-folder --subsets ../shared/data/memorized/subsets/memorize_{0..4}.txt
@@ -26,7 +33,9 @@ from memcore.analysis import analyze
 from memcore.generate import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SUBSETS = [ROOT.parent / "shared" / "data" / "memorized" / "subsets" / f"memorize_{i}.txt" for i in range(10)]
+DATA = ROOT.parent / "shared" / "data"
+DEFAULT_SUBSETS = [DATA / "memorized" / "subsets" / f"memorize_{i}.txt" for i in range(10)]
+DEFAULT_CONTROL = DATA / "non_memorized" / "non_mem.txt"
 
 
 def weights_present(model: str) -> bool:
@@ -40,22 +49,50 @@ def weights_present(model: str) -> bool:
     return isinstance(try_to_load_from_cache(resolve_model_id(model), "model_index.json"), str)
 
 
-def run(model: str, subset_files: list[Path], out: Path, sparsity: float, timesteps: int, batch_size: int) -> dict:
+def control_subsets(subsets: dict[str, list[str]], control: Path) -> dict[str, list[str]]:
+    """Consecutive slices of the control prompts, as many (up to one per subset) and as large as the subsets."""
+    prompts = memcore.load_prompts(control)
+    size = max(len(p) for p in subsets.values())
+    count = min(len(subsets), len(prompts) // size)
+    return {f"control_{i}": prompts[i * size : (i + 1) * size] for i in range(count)}
+
+
+def group_iou(names: list[str], pairwise, memorized: set[str]) -> dict:
+    """Mean union-mask IoU (pooled over layers) within the memorized subsets, within the control, and across."""
+    pooled = pairwise.union_masks.pooled(axis=1)
+    groups: dict[str, list[tuple[float, float]]] = {"memorized": [], "control": [], "memorized_vs_control": []}
+    for p, (a, b) in enumerate(pairwise.pairs):
+        kinds = {names[a] in memorized, names[b] in memorized}
+        group = "memorized" if kinds == {True} else "control" if kinds == {False} else "memorized_vs_control"
+        groups[group].append((float(pooled.iou[p]), float(pooled.chance[p])))
+    return {
+        group: {"pairs": len(v), "iou": sum(i for i, _ in v) / len(v), "iou_chance": sum(c for _, c in v) / len(v)}
+        for group, v in groups.items()
+        if v
+    }
+
+
+def run(model: str, subset_files: list[Path], control: Path | None, out: Path, sparsity: float, timesteps: int, batch_size: int) -> dict:
     """Localize, analyze and draw for one model; returns the timings and the headline numbers."""
+    from memcore.analysis import pairwise_iou
+
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pipe = memcore.load_pipeline(model)
     subsets = memcore.load_subsets(subset_files)
+    controls = control_subsets(subsets, control) if control is not None else {}
     config = memcore.LocalizeConfig(sparsity=sparsity, timesteps=timesteps, batch_size=batch_size, per_step=True)
     loaded = time.perf_counter()
-    results = memcore.localize_subsets(pipe, subsets, config)
+    results = memcore.localize_subsets(pipe, subsets | controls, config)
     localized = time.perf_counter()
     masks_dir = out / "masks"
     masks_dir.mkdir(exist_ok=True)
     for name, (mask, _) in results.items():
         mask.save(masks_dir / f"{name}.safetensors")
-    analysis = analyze([mask for mask, _ in results.values()], out / "analysis", names=list(results))
+    memorized = [results[name][0] for name in subsets]
+    analysis = analyze(memorized, out / "analysis", names=list(subsets))
     analyzed = time.perf_counter()
+    groups = group_iou(list(results), pairwise_iou([m for m, _ in results.values()], names=list(results)), set(subsets))
     first = next(iter(subsets))
     pictures = out / "pictures"
     if not pictures.exists():
@@ -63,8 +100,9 @@ def run(model: str, subset_files: list[Path], out: Path, sparsity: float, timest
     return {
         "model": model,
         "subsets": len(subsets),
-        "prompts": sum(len(p) for p in subsets.values()),
-        "distinct_prompts": len({p for prompts in subsets.values() for p in prompts}),
+        "control_subsets": len(controls),
+        "prompts": sum(len(p) for p in (subsets | controls).values()),
+        "distinct_prompts": len({p for prompts in (subsets | controls).values() for p in prompts}),
         "sparsity": sparsity,
         "timesteps": timesteps,
         "load_seconds": round(loaded - started, 1),
@@ -73,6 +111,7 @@ def run(model: str, subset_files: list[Path], out: Path, sparsity: float, timest
         "mean_density": float(analysis.density.overall),
         "mean_iou": float(analysis.pairwise.iou_overall),
         "mean_iou_chance": float(analysis.pairwise.chance_overall),
+        "union_iou_by_group": groups,
         "out": str(out),
     }
 
@@ -81,17 +120,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[], help="a real model to run as well (alias, hub id or folder)")
     parser.add_argument("--subsets", nargs="+", type=Path, default=DEFAULT_SUBSETS, help="subset prompt files (default memorize_0..9)")
+    parser.add_argument("--control", type=Path, default=DEFAULT_CONTROL, help="non-memorized prompts for the control subsets")
+    parser.add_argument("--no-control", action="store_true", help="skip the control subsets")
     parser.add_argument("--out", type=Path, default=Path("runs/subset_experiment"), help="output folder")
     parser.add_argument("--timesteps", type=int, default=10, help="tau (default 10)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation (default 8)")
     args = parser.parse_args()
 
-    report = [run("tiny", args.subsets, args.out / "tiny", 0.05, args.timesteps, args.batch_size)]
+    control = None if args.no_control else args.control
+    report = [run("tiny", args.subsets, control, args.out / "tiny", 0.05, args.timesteps, args.batch_size)]
     for model in args.model:
         if not weights_present(model):
             print(f"skipped {model}: its weights are not in the local cache or a local folder")
             continue
-        report.append(run(model, args.subsets, args.out / Path(model).name, 0.01, args.timesteps, args.batch_size))
+        report.append(run(model, args.subsets, control, args.out / Path(model).name, 0.01, args.timesteps, args.batch_size))
     print(json.dumps(report, indent=2))
 
 
