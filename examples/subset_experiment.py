@@ -72,7 +72,16 @@ def group_iou(names: list[str], pairwise, memorized: set[str]) -> dict:
     }
 
 
-def run(model: str, subset_files: list[Path], control: Path | None, out: Path, sparsity: float, timesteps: int, batch_size: int) -> dict:
+def run(
+    model: str,
+    subset_files: list[Path],
+    control: Path | None,
+    out: Path,
+    sparsity: float,
+    timesteps: int,
+    batch_size: int,
+    steps: int | None = None,
+) -> dict:
     """Localize, analyze and draw for one model; returns the timings and the headline numbers."""
     from memcore.analysis import pairwise_iou
 
@@ -81,7 +90,9 @@ def run(model: str, subset_files: list[Path], control: Path | None, out: Path, s
     pipe = memcore.load_pipeline(model)
     subsets = memcore.load_subsets(subset_files)
     controls = control_subsets(subsets, control) if control is not None else {}
-    config = memcore.LocalizeConfig(sparsity=sparsity, timesteps=timesteps, batch_size=batch_size, per_step=True)
+    config = memcore.LocalizeConfig(
+        sparsity=sparsity, timesteps=timesteps, batch_size=batch_size, per_step=True, steps=steps, progress=False
+    )
     loaded = time.perf_counter()
     results = memcore.localize_subsets(pipe, subsets | controls, config)
     localized = time.perf_counter()
@@ -96,7 +107,7 @@ def run(model: str, subset_files: list[Path], control: Path | None, out: Path, s
     first = next(iter(subsets))
     pictures = out / "pictures"
     if not pictures.exists():
-        generate(pipe, subsets[first][:3], [0, 1], out_dir=pictures, mask=results[first][0])
+        generate(pipe, subsets[first][:3], [0, 1], out_dir=pictures, mask=results[first][0], steps=steps, progress=False)
     return {
         "model": model,
         "subsets": len(subsets),
@@ -125,15 +136,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/subset_experiment"), help="output folder")
     parser.add_argument("--timesteps", type=int, default=10, help="tau (default 10)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per generation (default 8)")
+    parser.add_argument("--steps", type=int, help="inference steps (default: the pipeline's)")
     args = parser.parse_args()
 
     control = None if args.no_control else args.control
-    report = [run("tiny", args.subsets, control, args.out / "tiny", 0.05, args.timesteps, args.batch_size)]
+    settings = dict(timesteps=args.timesteps, batch_size=args.batch_size, steps=args.steps)
+    report = [run("tiny", args.subsets, control, args.out / "tiny", 0.05, **settings)]
     for model in args.model:
         if not weights_present(model):
             print(f"skipped {model}: its weights are not in the local cache or a local folder")
             continue
-        report.append(run(model, args.subsets, control, args.out / Path(model).name, 0.01, args.timesteps, args.batch_size))
+        report.append(run(model, args.subsets, control, args.out / Path(model).name, 0.01, **settings))
     print(json.dumps(report, indent=2))
 
 
