@@ -33,7 +33,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from memcore.errors import MemcoreError
-from memcore.ops import geglu_accumulate, sqnorm_accumulate
+from memcore.ops import geglu_accumulate, geglu_accumulate_backend, sqnorm_accumulate
 from memcore.targets import TEXT, Target
 
 HOOK_NAME = "memcore_capture"
@@ -181,11 +181,12 @@ def apply_capture(
     """Attach the capture hooks for the duration of the block; they are removed even on error.
 
     With ``fused``, targets fed by a GEGLU collect inside the fused GEGLU op; otherwise every target
-    collects from its input. The default fuses on CUDA only: on the CPU, PyTorch's vectorized GEGLU
-    followed by the C++ statistic is faster than the fused C++ GEGLU (scalar erf; docs/benchmarks.md).
+    collects from its input. The default fuses whenever a native backend runs the fused op (CUDA,
+    Triton or the C++ CPU kernel, each measured faster than PyTorch's GEGLU followed by the statistic,
+    docs/benchmarks.md); with only the reference there is nothing to gain.
     """
     if fused is None:
-        fused = next(denoiser.parameters()).device.type == "cuda"
+        fused = geglu_accumulate_backend(next(denoiser.parameters()).device) != "reference"
     hooked: list[torch.nn.Module] = []
     try:
         HookRegistry.check_if_exists_or_initialize(denoiser).register_hook(CallCounterHook(state), HOOK_NAME)

@@ -29,6 +29,8 @@ class LocalizeConfig:
         per_step: also keep the per-call masks.
         progress: show a progress bar over denoiser calls.
         target: the family of Linear layers to score (see :mod:`memcore.targets`).
+        fuse_geglu: compute GEGLU and its statistic in one op (``None``: wherever a native backend
+            runs that op; its float32 gelu rounds differently from PyTorch's in the last bit).
     """
 
     steps: int | None = None
@@ -44,6 +46,7 @@ class LocalizeConfig:
     per_step: bool = False
     progress: bool = True
     target: str = "ffn"
+    fuse_geglu: bool | None = None
 
     def __post_init__(self) -> None:
         from memcore.targets import check_family

@@ -154,7 +154,7 @@ def collect_subset_stats(
     started = time.perf_counter()
     with (
         torch.no_grad(),
-        apply_capture(net, targets, state),
+        apply_capture(net, targets, state, fused=config.fuse_geglu),
         truncation_reported_once(pipe),
         tqdm(total=(len(batches) + 1) * tau, desc="denoiser calls", unit="call", disable=None if config.progress else True) as bar,
     ):

@@ -5,7 +5,7 @@ Each op has a pure-PyTorch reference (the definition of correct) and native back
 """
 
 from memcore.ops._backend import BACKENDS, forced_backend, use_backend
-from memcore.ops.geglu_accumulate import geglu_accumulate, geglu_accumulate_reference
+from memcore.ops.geglu_accumulate import geglu_accumulate, geglu_accumulate_backend, geglu_accumulate_reference
 from memcore.ops.sqnorm_accumulate import sqnorm_accumulate, sqnorm_accumulate_reference
 from memcore.ops.wanda_mask import pack_mask, unpack_mask, wanda_mask, wanda_mask_reference
 
@@ -13,6 +13,7 @@ __all__ = [
     "BACKENDS",
     "forced_backend",
     "geglu_accumulate",
+    "geglu_accumulate_backend",
     "geglu_accumulate_reference",
     "pack_mask",
     "sqnorm_accumulate",

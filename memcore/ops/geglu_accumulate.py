@@ -79,6 +79,11 @@ def _available(device: torch.device) -> dict[str, _backend.Impl]:
     return impls
 
 
+def geglu_accumulate_backend(device: torch.device) -> str:
+    """The backend :func:`geglu_accumulate` runs on for tensors on ``device``, forcing included."""
+    return _backend.select("geglu_accumulate", device, _available(device))[0]
+
+
 def _validate(proj_out: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int | None) -> int:
     """Dtype, shape, device and row-range checks (metadata only, shared with the fake); returns row_end."""
     if proj_out.dtype not in NATIVE_DTYPES:
