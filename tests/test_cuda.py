@@ -106,3 +106,21 @@ def test_localize_on_gpu_matches_reference(backend):
     differing = sum(int((got.unpack(n) != want.unpack(n)).sum()) for n in want.layers)
     total = sum(int(want.unpack(n).sum()) for n in want.layers)
     assert differing <= max(1, total // 1000), f"{differing} of {total} mask entries differ"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_subsets_on_gpu_match_separate_runs(backend):
+    """Batches spanning subsets route prompt ranges through the fused GEGLU and the statistic op."""
+    from memcore.config import LocalizeConfig
+    from memcore.localize import localize, localize_subsets
+    from memcore.models import load_pipeline
+
+    pipe = load_pipeline("tiny", device="cuda", dtype="float32")
+    subsets = {"a": ["a fox", "the wave", "a man"], "b": ["the wave", "a cat", "a dog"]}
+    config = LocalizeConfig(timesteps=2, sparsity=0.05, batch_size=4, progress=False)
+    with use_backend(backend):
+        together = localize_subsets(pipe, subsets, config)
+        for name, prompts in subsets.items():
+            _, stats = localize(pipe, prompts, config)
+            for layer in stats.layers:
+                torch.testing.assert_close(together[name][1].mem[layer], stats.mem[layer], rtol=1e-4, atol=1e-6)

@@ -316,3 +316,33 @@ def test_geglu_accumulate_strided_input():
     wide = torch.zeros(6, 64)
     wide[:, 8:56] = p
     _check_geglu(wide[:, 8:56], 0, None, True)
+
+
+def test_fused_capture_routes_prompt_ranges():
+    """Capture through the Triton GEGLU (first prompt range) and statistic (second range) on the tiny
+    pipeline, against unfused capture on the reference backend."""
+    from memcore.capture import CaptureState, Destination, apply_capture
+    from memcore.config import LocalizeConfig, resolve_generation
+    from memcore.driver import initial_latent, is_guided, run_first_calls
+    from memcore.models import load_pipeline
+    from memcore.ops import use_backend
+    from memcore.targets import find_targets
+
+    pipe = load_pipeline("tiny", device=DEVICE, dtype="float32")
+    net = pipe.unet
+    targets = find_targets(net)
+    generation = resolve_generation(pipe, LocalizeConfig(height=32, width=32))
+    latent = initial_latent(pipe, generation)
+    prompts = ["a painting of a fox", "the great wave", "a man in a hat"]
+    results = {}
+    for backend, fused in (("triton", True), ("reference", False)):
+        parts = [{t.name: torch.zeros(1, t.linear.in_features, device=DEVICE) for t in targets} for _ in range(2)]
+        state = CaptureState(num_calls=1, guided=is_guided(pipe, generation))
+        with torch.no_grad(), use_backend(backend), apply_capture(net, targets, state, fused=fused):
+            state.start_run([Destination(parts[0], 0, 2), Destination(parts[1], 2, 3)])
+            run_first_calls(pipe, prompts, latent, generation, 1)
+        results[backend] = parts
+    for part in range(2):
+        for name, acc in results["triton"][part].items():
+            assert (acc > 0).all(), name
+            torch.testing.assert_close(acc, results["reference"][part][name], rtol=1e-5, atol=1e-6, msg=name)
