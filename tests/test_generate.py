@@ -185,3 +185,16 @@ def test_caption_wrapping():
     assert all(draw.textlength(line, font=font) <= 150 for line in lines)
     assert gen._wrap(draw, "short", 150, font) == ["short"]
     assert gen._wrap(draw, "x" * 500, 150, font)[0].startswith("xxx")
+
+
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl", "tiny-pixart"])
+def test_every_family_draws_before_and_after_pruning(tmp_path, name):
+    from memcore.localize import localize
+
+    config = LocalizeConfig(timesteps=2, steps=3, height=SIZE, width=SIZE, sparsity=0.05, progress=False)
+    mask, _ = localize(load_pipeline(name), PROMPTS[:1], config)
+    result = gen.generate(load_pipeline(name), PROMPTS[:1], [0, 1], out_dir=tmp_path / "out", mask=mask, **SETTINGS)
+    assert result.zeroed > 0
+    with Image.open(result.grid) as grid:
+        assert grid.size == gen.grid_size(1, 2, SIZE, SIZE, pruned=True)
+    assert any(not np.array_equal(pixels(a), pixels(b)) for a, b in zip(result.images, result.pruned_images))
