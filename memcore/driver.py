@@ -106,7 +106,9 @@ class SkipAfterHook(ModelHook):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
         sample = args[0] if args else kwargs.get("hidden_states", kwargs.get("sample"))
-        zeros = sample.new_zeros(sample.shape[0], module.config.out_channels, *sample.shape[2:])
+        # the model's output channels (PixArt: twice the latent's, for its learned variance)
+        channels = getattr(module, "out_channels", None) or module.config.get("out_channels") or sample.shape[1]
+        zeros = sample.new_zeros(sample.shape[0], channels, *sample.shape[2:])
         return Transformer2DModelOutput(sample=zeros) if kwargs.get("return_dict", True) else (zeros,)
 
 
