@@ -8,8 +8,7 @@ Control: subsets of the same size cut from a list of non-memorized prompts are l
 run. The Wanda score multiplies by |W|, which every mask of a model shares, so overlap beyond the
 position-chance baseline is expected of any two masks; what supports the paper's claim is memorized
 subsets overlapping more with each other than with the control subsets. The report gives the mean
-IoU (union masks, pooled over layers) within the memorized subsets, within the control subsets and
-across the two.
+IoU within the memorized subsets, within the control subsets and across the two (``groups.csv``).
 
     python examples/subset_experiment.py                       # tiny model, subsets memorize_0..9
     python examples/subset_experiment.py --model sd15          # also SD 1.5, if its weights are local
@@ -57,21 +56,6 @@ def control_subsets(subsets: dict[str, list[str]], control: Path) -> dict[str, l
     return {f"control_{i}": prompts[i * size : (i + 1) * size] for i in range(count)}
 
 
-def group_iou(names: list[str], pairwise, memorized: set[str]) -> dict:
-    """Mean union-mask IoU (pooled over layers) within the memorized subsets, within the control, and across."""
-    pooled = pairwise.union_masks.pooled(axis=1)
-    groups: dict[str, list[tuple[float, float]]] = {"memorized": [], "control": [], "memorized_vs_control": []}
-    for p, (a, b) in enumerate(pairwise.pairs):
-        kinds = {names[a] in memorized, names[b] in memorized}
-        group = "memorized" if kinds == {True} else "control" if kinds == {False} else "memorized_vs_control"
-        groups[group].append((float(pooled.iou[p]), float(pooled.chance[p])))
-    return {
-        group: {"pairs": len(v), "iou": sum(i for i, _ in v) / len(v), "iou_chance": sum(c for _, c in v) / len(v)}
-        for group, v in groups.items()
-        if v
-    }
-
-
 def run(
     model: str,
     subset_files: list[Path],
@@ -83,8 +67,6 @@ def run(
     steps: int | None = None,
 ) -> dict:
     """Localize, analyze and draw for one model; returns the timings and the headline numbers."""
-    from memcore.analysis import pairwise_iou
-
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pipe = memcore.load_pipeline(model)
@@ -101,9 +83,8 @@ def run(
     for name, (mask, _) in results.items():
         mask.save(masks_dir / f"{name}.safetensors")
     memorized = [results[name][0] for name in subsets]
-    analysis = analyze(memorized, out / "analysis", names=list(subsets))
+    analysis = analyze(memorized, out / "analysis", names=list(subsets), control=[results[n][0] for n in controls])
     analyzed = time.perf_counter()
-    groups = group_iou(list(results), pairwise_iou([m for m, _ in results.values()], names=list(results)), set(subsets))
     first = next(iter(subsets))
     pictures = out / "pictures"
     if not pictures.exists():
@@ -122,7 +103,10 @@ def run(
         "mean_density": float(analysis.density.overall),
         "mean_iou": float(analysis.pairwise.iou_overall),
         "mean_iou_chance": float(analysis.pairwise.chance_overall),
-        "union_iou_by_group": groups,
+        "iou_by_group": None if analysis.groups is None else {
+            group: dict(zip(("pairs", "iou", "iou_chance", "union_iou", "union_iou_chance"), values))
+            for group, values in analysis.groups.rows.items()
+        },
         "out": str(out),
     }
 

@@ -536,6 +536,75 @@ def mask_iou(a: MaskLike, b: MaskLike) -> MaskIoU:
 
 
 # ---------------------------------------------------------------------------------------------
+# groups: memorized subsets against control subsets
+
+GROUPS_COLUMNS = ("group", "pairs", "iou", "iou_chance", "union_iou", "union_iou_chance")
+WITHIN, CONTROL, ACROSS = "memorized", "control", "memorized_vs_control"
+
+
+@dataclass(frozen=True)
+class GroupIoU:
+    """Mean IoU over the pairs of masks within the memorized group, within the control group and
+    across the two (one memorized and one control mask).
+
+    ``iou`` and ``iou_chance`` average the per-step cells (mean over call indices and layers, then
+    over pairs); ``union_iou`` and ``union_iou_chance`` the union masks with all layers pooled.
+    """
+
+    rows: dict[str, tuple[int, float, float, float, float]]  # group -> (pairs, iou, chance, union iou, chance)
+
+    def iou(self, group: str) -> float:
+        return self.rows[group][1]
+
+    def union_iou(self, group: str) -> float:
+        return self.rows[group][3]
+
+
+def group_iou(masks: Sequence[MaskLike], control: Sequence[MaskLike]) -> GroupIoU:
+    """How much the memorized masks overlap with each other, compared with control masks.
+
+    The Wanda score multiplies by |W|, which every mask of a model shares, so any two masks overlap
+    beyond the position-chance baseline; control masks (from non-memorized prompts, same model and
+    settings) tell how much of the overlap the memorized prompts add. Needs at least two masks in
+    one of the groups and one in each.
+    """
+    items, controls = _as_items(masks), _as_items(control)
+    if not items or not controls or len(items) + len(controls) < 3:
+        raise MemcoreError(
+            f"a group comparison needs memorized and control masks, with two in one group; got {len(items)} "
+            f"memorized and {len(controls)} control"
+        )
+    loaded, labels = _load([*items, *controls])
+    check_comparable(loaded, labels)
+    bits = _Bits(loaded)
+    names = [f"m{i}" for i in range(len(loaded))]
+    pairwise = _pairwise(bits, _density(bits, names, _timestep_values(loaded[0], _tau(loaded))))
+    return _groups(pairwise, len(items))
+
+
+def _groups(pairwise: PairwiseIoU, memorized: int) -> GroupIoU:
+    steps_iou = pairwise.steps.iou.mean(axis=(1, 2))
+    steps_chance = pairwise.steps.chance.mean(axis=(1, 2))
+    union = pairwise.union_masks.pooled(axis=1)
+    buckets: dict[str, list[int]] = {WITHIN: [], CONTROL: [], ACROSS: []}
+    for p, (a, b) in enumerate(pairwise.pairs):
+        kinds = (a < memorized, b < memorized)
+        buckets[WITHIN if all(kinds) else CONTROL if not any(kinds) else ACROSS].append(p)
+    rows = {
+        group: (
+            len(index),
+            float(steps_iou[index].mean()),
+            float(steps_chance[index].mean()),
+            float(union.iou[index].mean()),
+            float(union.chance[index].mean()),
+        )
+        for group, index in buckets.items()
+        if index
+    }
+    return GroupIoU(rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # the analysis: tables and figures
 
 
@@ -547,6 +616,7 @@ class Analysis:
     density: Density
     pairwise: PairwiseIoU | None  # None with ``density_only``
     paths: list[Path]  # every file written: the CSV tables, then the figures
+    groups: GroupIoU | None = None  # with ``control`` masks
 
 
 def analyze(
@@ -554,6 +624,7 @@ def analyze(
     out_dir: str | os.PathLike,
     names: Sequence[str] | None = None,
     density_only: bool = False,
+    control: Sequence[MaskLike] = (),
 ) -> Analysis:
     """Density and pairwise IoU of per-step masks, written to ``out_dir`` as CSV tables and PNG figures.
 
@@ -586,6 +657,10 @@ def analyze(
         out_dir: the folder of the outputs.
         names: a short name per mask (default: the file stems, made distinct).
         density_only: compute and write the densities only (one mask is enough).
+        control: masks of control prompts (non-memorized), same model and settings: also write
+            ``groups.csv``, the mean IoU within the memorized masks, within the control masks and
+            across (columns group, pairs, iou, iou_chance, union_iou, union_iou_chance; see
+            :func:`group_iou`). The tables and figures above cover ``masks`` only.
     """
     from memcore import figures
 
@@ -604,6 +679,7 @@ def analyze(
     bits = _Bits(loaded)
     dens = _density(bits, names, _timestep_values(loaded[0], _tau(loaded)))
     pairwise = None if density_only else _pairwise(bits, dens)
+    groups = group_iou(loaded, _as_items(control)) if _as_items(control) else None
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [_write_csv(out / "analysis.csv", ANALYSIS_COLUMNS, _analysis_rows(dens, pairwise))]
@@ -613,7 +689,10 @@ def analyze(
     paths += figures.density_figures(dens, out)
     if pairwise is not None:
         paths += figures.iou_figures(pairwise, out)
-    return Analysis(names, dens, pairwise, paths)
+    if groups is not None:
+        rows = ([group, *values] for group, values in groups.rows.items())
+        paths.append(_write_csv(out / "groups.csv", GROUPS_COLUMNS, rows))
+    return Analysis(names, dens, pairwise, paths, groups)
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows) -> Path:

@@ -116,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder for the tables and figures (created if missing)")
     p.add_argument("--names", help="comma-separated short names for the masks (default: the file names)")
     p.add_argument("--density-only", action="store_true", help="only the density tables and figures (one mask is enough)")
+    p.add_argument(
+        "--control", nargs="+", metavar="MASK",
+        help="masks of non-memorized prompt subsets (files or folders), same model and settings: also write "
+        "groups.csv, the mean IoU within the memorized masks, within these and across",
+    )
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
 
     p = sub.add_parser(
@@ -302,7 +307,8 @@ def cmd_analyze(args) -> None:
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     if names is not None and len(names) != len(masks):
         raise MemcoreError(f"--names: {len(names)} names for {len(masks)} masks")
-    result = analyze(masks, args.out, names=names, density_only=args.density_only)
+    control = files_in(args.control, (".safetensors",), "mask files") if args.control else ()
+    result = analyze(masks, args.out, names=names, density_only=args.density_only, control=control)
     dens, pairs = result.density, result.pairwise
     summary = {
         "out": str(args.out),
@@ -310,12 +316,18 @@ def cmd_analyze(args) -> None:
         "density": float(dens.overall),
         "iou": None if pairs is None else float(pairs.iou_overall),
         "iou_chance": None if pairs is None else float(pairs.chance_overall),
+        "groups": None if result.groups is None else {
+            group: dict(zip(("pairs", "iou", "iou_chance", "union_iou", "union_iou_chance"), values))
+            for group, values in result.groups.rows.items()
+        },
         "files": [str(p) for p in result.paths],
         "seconds": round(time.perf_counter() - started, 3),
     }
     line = f"wrote {len(result.paths)} files into {args.out}: {len(result.names)} masks, mean density {100 * summary['density']:.3f}%"
     if pairs is not None:
         line += f", mean IoU {summary['iou']:.3f} (chance {summary['iou_chance']:.3f})"
+    if result.groups is not None:
+        line += "; " + ", ".join(f"{group} {values[1]:.3f}" for group, values in result.groups.rows.items())
     _emit(args, summary, line)
 
 

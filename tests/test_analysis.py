@@ -13,6 +13,7 @@ from memcore.analysis import (
     chance_iou,
     check_comparable,
     density,
+    group_iou,
     mask_iou,
     pairwise_iou,
     popcount,
@@ -320,3 +321,31 @@ def test_short_layer_names():
     assert short_layer_name("blocks.3.mlp.fc2") == "b3.mlp.fc2"
     names = ["transformer_blocks.0.ff.net.2", "transformer_blocks.0.ff.net.0"]  # would both be tb0
     assert layer_labels(names) == names
+
+
+def test_group_iou_by_hand():
+    """Memorized {A, A}, control {B}: within = IoU(A, A) = 1; across = IoU(A, B) twice; no control pair."""
+    a, b = make_mask(A), make_mask(B)
+    groups = group_iou([a, a], [b])
+    assert set(groups.rows) == {"memorized", "memorized_vs_control"}
+    pairs, iou, chance, union_iou, union_chance = groups.rows["memorized"]
+    assert (pairs, iou, union_iou) == (1, 1.0, 1.0)
+    # per step: L0 t0 |A|=3 |B|=4, 2 shared: 2/5; L0 t1: 0/3; L1 t0 empty (1.0 by definition); L1 t1 1/2
+    pairs, iou, _, union_iou, _ = groups.rows["memorized_vs_control"]
+    assert pairs == 2 and iou == pytest.approx((2 / 5 + 0 / 3 + 1.0 + 1 / 2) / 4)
+    # union masks pooled: L0 A {00,01,12,17} B {00,12,13,14,05}: 2 shared of 7; L1 A {2,12} B {2,12; 0,0}: 1 of 2
+    assert union_iou == pytest.approx((2 + 1) / (7 + 2))
+    with pytest.raises(MemcoreError, match="group comparison needs"):
+        group_iou([a], [])
+    with pytest.raises(MemcoreError, match="differ in sparsity"):
+        group_iou([a, a], [make_mask(B, sparsity=0.5)])
+
+
+def test_analyze_writes_groups(tmp_path):
+    result = analyze([make_mask(A), make_mask(B)], tmp_path, control=[make_mask(EMPTY), make_mask(B)])
+    with open(tmp_path / "groups.csv") as f:
+        rows = {row["group"]: row for row in csv.DictReader(f)}
+    assert set(rows) == {"memorized", "control", "memorized_vs_control"}
+    assert int(rows["memorized_vs_control"]["pairs"]) == 4
+    assert float(rows["memorized"]["iou"]) == pytest.approx(result.groups.iou("memorized"))
+    assert float(rows["memorized"]["iou"]) == pytest.approx(pairwise_iou([make_mask(A), make_mask(B)]).iou_overall)

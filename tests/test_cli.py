@@ -240,6 +240,12 @@ def test_analyze_and_generate(tmp_path, capsys, prompt_file):
     assert summary["masks"] == ["set0", "set1", "set2"] and 0 < summary["iou"] <= 1
     assert (tmp_path / "analysis" / "iou_heatmap.png").stat().st_size > 1000
 
+    code, out, err = run(capsys, "analyze", *files[:2], "--control", files[2], "--out", tmp_path / "groups", "--json")
+    assert code == 0, err
+    groups = json.loads(out)["groups"]
+    assert {g: groups[g]["pairs"] for g in groups} == {"memorized": 1, "memorized_vs_control": 2}
+    assert (tmp_path / "groups" / "groups.csv").is_file()
+
     # one mask: a pairwise statistic is refused, density alone is fine
     code, _, err = run(capsys, "analyze", files[0], "--out", tmp_path / "one")
     assert code == 2 and "at least two masks" in err

@@ -25,7 +25,7 @@ def test_subset_experiment_on_tiny(tmp_path):
     report = json.loads(done.stdout[done.stdout.index("[") :])
     (tiny,) = report
     assert tiny["subsets"] == 3 and tiny["control_subsets"] == 2
-    groups = tiny["union_iou_by_group"]
+    groups = tiny["iou_by_group"]
     assert {g: groups[g]["pairs"] for g in groups} == {"memorized": 3, "control": 1, "memorized_vs_control": 6}
     out = Path(tiny["out"])
     assert (out / "analysis" / "iou_heatmap.png").stat().st_size > 1000
