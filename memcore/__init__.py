@@ -32,6 +32,7 @@ _LAZY = {
     "load_prompts": "memcore.prompts",
     "load_subsets": "memcore.prompts",
     "load_pipeline": "memcore.models",
+    "analyze": "memcore.analysis",
     "find_targets": "memcore.targets",
     "ops": "memcore.ops",
 }
@@ -40,6 +41,7 @@ __all__ = ["MemcoreError", "__version__", *_LAZY]
 
 if TYPE_CHECKING:
     from memcore import ops
+    from memcore.analysis import analyze
     from memcore.config import Generation, LocalizeConfig
     from memcore.localize import localize, localize_subsets
     from memcore.mask import Mask, compute_mask, load_mask, save_mask
