@@ -284,9 +284,9 @@ def _check_per_step(mask: Mask, name: str) -> None:
             )
 
 
-def _timestep_values(mask: Mask, tau: int) -> list[int] | None:
+def _timestep_values(mask: Mask, tau: int) -> list[float] | None:
     values = mask.metadata.get("timestep_values")
-    return [int(v) for v in values] if values is not None and len(values) == tau else None
+    return list(values) if values is not None and len(values) == tau else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,7 +299,7 @@ class Density:
 
     names: list[str]
     layers: list[str]
-    timestep_values: list[int] | None  # the scheduler timestep of each call index, when known
+    timestep_values: list[float] | None  # the scheduler timestep of each call index, when known
     masked: np.ndarray  # int64 [masks, calls, layers]
     union_masked: np.ndarray  # int64 [masks, layers]
     total: np.ndarray  # int64 [layers]: weights per layer
@@ -382,7 +382,7 @@ def _tau(masks: Sequence[Mask]) -> int:
     return int(masks[0].metadata["timesteps"])
 
 
-def _density(bits: _Bits, names: list[str], timestep_values: list[int] | None) -> Density:
+def _density(bits: _Bits, names: list[str], timestep_values: list[float] | None) -> Density:
     masked = np.stack([np.stack([popcount(s) for s in steps], axis=1) for steps in bits.steps])  # [m, t, l]
     union = np.array([[popcount(u) for u in unions] for unions in bits.union], dtype=np.int64)
     return Density(names, bits.layers, timestep_values, masked, union, bits.total)
@@ -401,7 +401,7 @@ class PairwiseIoU:
 
     names: list[str]
     layers: list[str]
-    timestep_values: list[int] | None
+    timestep_values: list[float] | None
     pairs: list[tuple[int, int]]  # indexes into ``names``, a < b
     steps: Overlap  # [pairs, calls, layers]
     union_masks: Overlap  # [pairs, layers]: the OR over call indices of each mask
@@ -703,7 +703,7 @@ def _write_csv(path: Path, columns: Sequence[str], rows) -> Path:
     return path
 
 
-def _calls(timestep_values: list[int] | None, tau: int) -> list[tuple[int, object]]:
+def _calls(timestep_values: list[float] | None, tau: int) -> list[tuple[int, object]]:
     return [(t, "" if timestep_values is None else timestep_values[t]) for t in range(tau)]
 
 

@@ -17,8 +17,8 @@ from memcore._version import __version__
 from memcore.errors import MemcoreError
 
 MODEL_HELP = (
-    "an embedded random-weight model (tiny: SD 1.5 architecture, tiny-sd2, tiny-sdxl, tiny-pixart), an alias "
-    "(sd14, sd15, sd2-base, sd21-base, sd2, sd21, sdxl, pixart), a hub id, or a local diffusers folder; the "
+    "an embedded random-weight model (tiny: SD 1.5 architecture, tiny-sd2, tiny-sdxl, tiny-pixart, tiny-sd3), "
+    "an alias (sd14, sd15, sd2-base, sd21-base, sd2, sd21, sdxl, pixart, sd3), a hub id, or a local diffusers folder; the "
     "local cache is used first, the hub only when HF_HUB_OFFLINE is unset"
 )
 

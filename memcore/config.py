@@ -88,7 +88,7 @@ class Generation:
     height: int
     width: int
     scheduler: str
-    call_timesteps: list[int]  # the scheduler timestep of every denoiser call of a full generation
+    call_timesteps: list[float]  # the scheduler timestep of every denoiser call (integral ones as int)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -116,5 +116,10 @@ def resolve_generation(pipe, config: LocalizeConfig) -> Generation:
         height=config.height or sample_h * pipe.vae_scale_factor,
         width=config.width or sample_w * pipe.vae_scale_factor,
         scheduler=type(pipe.scheduler).__name__,
-        call_timesteps=[int(t) for t in torch.as_tensor(scheduler.timesteps).tolist()],
+        call_timesteps=[_number(t) for t in torch.as_tensor(scheduler.timesteps).tolist()],
     )
+
+
+def _number(value: float) -> int | float:
+    """A scheduler timestep as recorded: an int when integral (DDPM-style), else the float (flow matching)."""
+    return int(value) if float(value).is_integer() else float(value)

@@ -91,7 +91,7 @@ def _figure(width: float, height: float) -> tuple[Figure, Axes]:
     return fig, fig.add_subplot()
 
 
-def _call_axis(ax: Axes, timestep_values: Sequence[int] | None, tau: int) -> None:
+def _call_axis(ax: Axes, timestep_values: Sequence[float] | None, tau: int) -> None:
     """x ticks at call indices, labelled with the scheduler timestep below when known."""
     step = max(1, math.ceil(tau / MAX_TICKS))
     ticks = list(range(0, tau, step))
@@ -99,7 +99,7 @@ def _call_axis(ax: Axes, timestep_values: Sequence[int] | None, tau: int) -> Non
     if timestep_values is None:
         ax.set_xlabel("call index")
     else:
-        ax.set_xticks(ticks, [f"{t}\n{timestep_values[t]}" for t in ticks])
+        ax.set_xticks(ticks, [f"{t}\n{timestep_values[t]:.4g}" for t in ticks])  # flow matching: fractional
         ax.set_xlabel("call index / scheduler timestep")
     ax.set_xlim(-0.5, tau - 0.5)
 

@@ -24,6 +24,7 @@ ALIASES = {
     "sd2": "stabilityai/stable-diffusion-2",
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
     "pixart": "PixArt-alpha/PixArt-XL-2-512x512",
 }
 
@@ -116,7 +117,7 @@ def _first_line(exc: BaseException) -> str:
 def load_pipeline(model: str, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None):
     """Load a diffusers pipeline and move it to ``device`` in ``dtype``.
 
-    ``model`` is one of ``TINY_MODELS`` (``tiny``, ``tiny-sd2``, ``tiny-sdxl``, ``tiny-pixart``: the
+    ``model`` is one of ``TINY_MODELS`` (``tiny``, ``tiny-sd2``, ``tiny-sdxl``, ``tiny-pixart``, ``tiny-sd3``: the
     embedded random-weight models), an alias (``sd15``, ``sdxl``, ``pixart``, ...), a local
     diffusers folder, or a hub id. The local cache is tried first; the hub is used only when the
     model is not cached and ``HF_HUB_OFFLINE`` is unset.

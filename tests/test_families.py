@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from memcore.errors import MemcoreError
 from memcore.models import TINY_MODELS, load_pipeline, model_id, resolve_model_id
 from memcore.targets import find_targets
 from memcore.tiny import FAMILIES, build
@@ -33,6 +34,16 @@ def layout(*blocks):
 
 def dit_layout(layers, shape):
     return [(f"transformer_blocks.{i}.ff.net.2", shape) for i in range(layers)]
+
+
+def mmdit_layout(layers, shape):
+    """SD3: every joint block has ``ff`` (image tokens), then ``ff_context`` (text tokens) but the last,
+    which is ``context_pre_only`` (its text stream ends after the attention)."""
+    return [
+        (f"transformer_blocks.{i}.{ff}.net.2", shape)
+        for i in range(layers)
+        for ff in (("ff", "ff_context") if i < layers - 1 else ("ff",))
+    ]
 
 
 def sd_layout(widths, depth=1):
@@ -78,10 +89,14 @@ def check_targets(net, expected, geglu):
 
 
 def meta_denoiser(file):
-    from diffusers import Transformer2DModel, UNet2DConditionModel
+    from diffusers import SD3Transformer2DModel, Transformer2DModel, UNet2DConditionModel
 
     config = json.loads((CONFIGS / file).read_text())
-    classes = {"UNet2DConditionModel": UNet2DConditionModel, "Transformer2DModel": Transformer2DModel}
+    classes = {
+        "UNet2DConditionModel": UNet2DConditionModel,
+        "Transformer2DModel": Transformer2DModel,
+        "SD3Transformer2DModel": SD3Transformer2DModel,
+    }
     cls = classes[config["_class_name"]]
     with torch.device("meta"):
         return cls.from_config(config)
@@ -134,6 +149,31 @@ def test_pixart_xl_has_28_tanh_gelu_layers():
         assert type(activation) is GELU and activation.approximate == "tanh"
 
 
+def test_sd3_medium_has_47_tanh_gelu_layers():
+    from diffusers.models.activations import GELU
+
+    net = meta_denoiser("sd3_medium_transformer.json")
+    assert len(net.transformer_blocks) == 24
+    assert [b.context_pre_only for b in net.transformer_blocks] == [False] * 23 + [True]
+    assert net.transformer_blocks[-1].ff_context is None
+    targets = check_targets(net, mmdit_layout(24, (1536, 6144)), geglu=False)
+    assert [t.name for t in targets[:3]] == [
+        "transformer_blocks.0.ff.net.2",
+        "transformer_blocks.0.ff_context.net.2",
+        "transformer_blocks.1.ff.net.2",
+    ]
+    assert [t.name for t in targets[-2:]] == ["transformer_blocks.22.ff_context.net.2", "transformer_blocks.23.ff.net.2"]
+    for t in targets:
+        activation = net.get_submodule(t.name.rsplit(".", 1)[0] + ".0")
+        assert type(activation) is GELU and activation.approximate == "tanh"
+    assert sum(t.linear.weight.numel() for t in targets) == 47 * 1536 * 6144
+    # SD3 medium has joint attention and no attn2 (SD 3.5's dual attention adds one): no cross-attention
+    # family, the text keys are attn.add_k_proj
+    with pytest.raises(MemcoreError, match="no matching Linear"):
+        find_targets(net, "attn2.to_k")
+    assert len(find_targets(net, r"transformer_blocks\.\d+\.attn\.add_k_proj")) == 24
+
+
 # --- the tiny pipelines ------------------------------------------------------------------------------
 
 TINY_LAYOUTS = {
@@ -141,12 +181,14 @@ TINY_LAYOUTS = {
     "tiny-sd2": (sd_layout((16, 32, 64)), True),
     "tiny-sdxl": (sdxl_layout((32, 64), (1, 2)), True),
     "tiny-pixart": (dit_layout(3, (16, 64)), False),
+    "tiny-sd3": (mmdit_layout(3, (32, 128)), False),
 }
 CALL_KWARGS = {
     "tiny": {},
     "tiny-sd2": {},
     "tiny-sdxl": {},
     "tiny-pixart": {"use_resolution_binning": False, "clean_caption": False},
+    "tiny-sd3": {},
 }
 
 
@@ -171,10 +213,10 @@ def denoiser_of(pipe):
 
 
 def test_every_tiny_family_is_listed():
-    assert TINY_MODELS == tuple(FAMILIES) == ("tiny", "tiny-sd2", "tiny-sdxl", "tiny-pixart")
+    assert TINY_MODELS == tuple(FAMILIES) == ("tiny", "tiny-sd2", "tiny-sdxl", "tiny-pixart", "tiny-sd3")
     assert set(TINY_LAYOUTS) == set(FAMILIES)
-    with pytest.raises(KeyError, match="tiny-sd3"):
-        build("tiny-sd3")
+    with pytest.raises(KeyError, match="tiny-sd4"):
+        build("tiny-sd4")
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -196,11 +238,11 @@ def test_tiny_family_is_a_function_of_the_seed(name):
 def test_tiny_family_runs_its_own_pipeline(name):
     pipe = tiny(name)
     out = pipe("a painting of a fox", num_inference_steps=2, output_type="latent", **CALL_KWARGS[name])
-    assert out.images.shape == (1, 4, 16, 16)
+    assert out.images.shape == (1, denoiser_of(pipe).config.in_channels, 16, 16)
     assert torch.isfinite(out.images).all()
 
 
-@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl"])
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl", "tiny-sd3"])
 def test_tiny_family_decodes_to_pil(name):
     image = tiny(name)("", num_inference_steps=2, output_type="pil", **CALL_KWARGS[name]).images[0]
     assert image.size == (128, 128)
@@ -230,7 +272,7 @@ def test_tiny_family_traits():
     assert pixart.text_encoder.config.vocab_size >= len(pixart.tokenizer)
 
 
-@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-pixart", "tiny-sd3"])
 def test_load_pipeline_accepts_every_tiny_name(name):
     pipe = load_pipeline(name, device="cpu", dtype="float16")
     assert model_id(pipe) == f"memcore/{name}"
@@ -240,6 +282,47 @@ def test_load_pipeline_accepts_every_tiny_name(name):
 def test_aliases_for_new_families():
     assert resolve_model_id("sdxl") == "stabilityai/stable-diffusion-xl-base-1.0"
     assert resolve_model_id("pixart") == "PixArt-alpha/PixArt-XL-2-512x512"
+    assert resolve_model_id("sd3") == "stabilityai/stable-diffusion-3-medium-diffusers"
+
+
+def test_tiny_sd3_traits():
+    sd3 = tiny("tiny-sd3")
+    assert type(sd3).__name__ == "StableDiffusion3Pipeline"
+    assert type(sd3.transformer).__name__ == "SD3Transformer2DModel"
+    assert type(sd3.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert sd3.scheduler.config.shift == 3.0
+    assert [type(sd3.components[f"text_encoder{s}"]).__name__ for s in ("", "_2", "_3")] == [
+        "CLIPTextModelWithProjection", "CLIPTextModelWithProjection", "T5EncoderModel",
+    ]
+    net, vae = sd3.transformer.config, sd3.vae.config
+    assert vae.latent_channels == net.in_channels == net.out_channels == 16
+    assert vae.shift_factor is not None and vae.scaling_factor != 0.18215
+    # the two CLIP hidden states, concatenated, are padded to the T5 width; their pooled outputs concatenated
+    clip_width = sd3.text_encoder.config.hidden_size + sd3.text_encoder_2.config.hidden_size
+    assert net.joint_attention_dim == sd3.text_encoder_3.config.d_model >= clip_width
+    pooled = sd3.text_encoder.config.projection_dim + sd3.text_encoder_2.config.projection_dim
+    assert net.pooled_projection_dim == pooled
+    assert net.caption_projection_dim == net.num_attention_heads * net.attention_head_dim
+    assert [b.context_pre_only for b in sd3.transformer.transformer_blocks] == [False, False, True]
+
+
+def test_tiny_sd3_initial_latent_is_the_pipelines_own_draw():
+    from memcore.config import LocalizeConfig, resolve_generation
+    from memcore.driver import initial_latent
+
+    pipe = tiny("tiny-sd3")
+    generation = resolve_generation(pipe, LocalizeConfig(steps=2, seed=3))
+    seen = []
+    handle = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"].clone()), with_kwargs=True
+    )
+    try:
+        torch.manual_seed(generation.seed)
+        pipe("a fox", num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+    finally:
+        handle.remove()
+    # flow matching does not scale x_T (no init_noise_sigma): the first call sees the draw itself
+    assert torch.equal(seen[0], initial_latent(pipe, generation))
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,7 @@ def test_caption_wrapping():
     assert gen._wrap(draw, "x" * 500, 150, font)[0].startswith("xxx")
 
 
-@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl", "tiny-pixart", "tiny-sd3"])
 def test_every_family_draws_before_and_after_pruning(tmp_path, name):
     from memcore.localize import localize
 

@@ -120,7 +120,7 @@ def test_empty_subset_is_refused(tiny_pipe):
         localize_subsets(tiny_pipe, {"a": ["x"], "b": []}, LocalizeConfig(**SMALL))
 
 
-@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl", "tiny-pixart", "tiny-sd3"])
 def test_every_family_localizes_and_prunes(name, prompts):
     pipe = load_pipeline(name)
     config = LocalizeConfig(timesteps=3, steps=6, sparsity=0.05, progress=False)
@@ -182,3 +182,18 @@ def test_truncation_is_reported_once(tiny_pipe, caplog):
     assert not any(m.startswith("The following part of your input was truncated") for m in seen.messages)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("were truncated, as the pipeline does (1 batch)" in m for m in messages) == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl", "tiny-pixart", "tiny-sd3"])
+@pytest.mark.parametrize("target", ["attn2.to_v", "text-mlp"])
+def test_other_target_families_on_every_family(name, target):
+    pipe = load_pipeline(name)
+    config = LocalizeConfig(timesteps=2, steps=4, sparsity=0.05, progress=False, target=target)
+    if name == "tiny-sd3" and target == "attn2.to_v":  # joint attention only
+        with pytest.raises(MemcoreError, match="no matching Linear"):
+            localize(pipe, ["a fox", "the wave"], config)
+        return
+    mask, stats = localize(pipe, ["a fox", "the wave"], config)
+    assert mask.metadata["target"] == target and len(mask.layers) == len(find_targets(pipe, target))
+    assert all((acc > 0).any() for acc in stats.mem.values())
+    assert prune(pipe, mask) == sum(mask.count(n) for n in mask.layers)

@@ -1,6 +1,6 @@
 """Embedded tiny models: the published architectures at toy width, random weights, built offline.
 
-Four families, each a diffusers pipeline whose denoiser has the block layout of the real model and
+Five families, each a diffusers pipeline whose denoiser has the block layout of the real model and
 widths of 16 to 64, so that localizing on it exercises the same code paths in about a second:
 
 ``tiny``
@@ -21,6 +21,12 @@ widths of 16 to 64, so that localizing on it exercises the same code paths in ab
     tanh-approximated GELU MLP, not a GEGLU; a T5 encoder; DPM-Solver++. Call it with
     ``use_resolution_binning=False`` (binning knows only 256, 512 and 1024 px) and
     ``clean_caption=False`` (cleaning needs bs4 and ftfy).
+``tiny-sd3``
+    Stable Diffusion 3 (medium): an MMDiT (SD3Transformer2DModel) of 3 joint blocks, each with a
+    tanh-GELU feed-forward for the image tokens (``ff``) and, except the last (``context_pre_only``),
+    one for the text tokens (``ff_context``): 5 feed-forward layers; two CLIP encoders with
+    projection (their hidden states concatenated, then padded to the T5 width) and a T5 encoder;
+    a 16-channel VAE with shift and scaling factors; flow-matching Euler with shift 3.
 
 Every text encoder reads the same byte-level CLIP tokenizer (514 tokens, no merges) built in
 memory. All images are 128 px (16 x 16 latents). The weights are a function of the seed alone, so
@@ -177,11 +183,43 @@ def build_tiny_pixart(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _named(pipe, f"{MODEL_ID}-pixart")
 
 
+def build_tiny_sd3(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``tiny-sd3``: a Stable Diffusion 3 StableDiffusion3Pipeline (MMDiT denoiser, two CLIPs and a T5)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    parts = _seeded(
+        seed,
+        dtype,
+        transformer=lambda: SD3Transformer2DModel.from_config(_config("sd3_transformer")),
+        vae=_vae(
+            latent_channels=16,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            force_upcast=True,
+        ),
+        text_encoder=_clip("sd3_text_encoder", projection=True),
+        text_encoder_2=_clip("sd3_text_encoder_2", projection=True),
+        text_encoder_3=lambda: T5EncoderModel(T5Config(**_config("sd3_text_encoder_3"))),
+    )
+    pipe = StableDiffusion3Pipeline(
+        **parts,
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        tokenizer_3=build_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_config(_config("sd3_scheduler")),
+    )
+    return _named(pipe, f"{MODEL_ID}-sd3")
+
+
 FAMILIES: dict[str, Callable] = {
     "tiny": build_tiny_pipeline,
     "tiny-sd2": build_tiny_sd2,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-pixart": build_tiny_pixart,
+    "tiny-sd3": build_tiny_sd3,
 }
 
 
