@@ -103,10 +103,7 @@ def run(
         "mean_density": float(analysis.density.overall),
         "mean_iou": float(analysis.pairwise.iou_overall),
         "mean_iou_chance": float(analysis.pairwise.chance_overall),
-        "iou_by_group": None if analysis.groups is None else {
-            group: dict(zip(("pairs", "iou", "iou_chance", "union_iou", "union_iou_chance"), values))
-            for group, values in analysis.groups.rows.items()
-        },
+        "iou_by_group": None if analysis.groups is None else analysis.groups.as_dict(),
         "out": str(out),
     }
 

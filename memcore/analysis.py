@@ -556,6 +556,10 @@ class GroupIoU:
     def iou(self, group: str) -> float:
         return self.rows[group][1]
 
+    def as_dict(self) -> dict[str, dict[str, float]]:
+        """``{group: {pairs, iou, iou_chance, union_iou, union_iou_chance}}``, the columns of groups.csv."""
+        return {group: dict(zip(GROUPS_COLUMNS[1:], values, strict=True)) for group, values in self.rows.items()}
+
     def union_iou(self, group: str) -> float:
         return self.rows[group][3]
 

@@ -37,7 +37,6 @@ from memcore.ops import geglu_accumulate, geglu_accumulate_backend, sqnorm_accum
 from memcore.targets import TEXT, Target
 
 HOOK_NAME = "memcore_capture"
-ROWS = ("both", "cond")
 
 Accumulators = dict[str, torch.Tensor]
 
@@ -79,6 +78,12 @@ class CaptureState:
         self.destinations = [Destination(destinations)] if isinstance(destinations, dict) else list(destinations)
         self.call_index = -1
         self.run += 1
+
+    def denoiser_copies(self) -> tuple[int, int]:
+        """(copies of the prompt batch in a denoiser input, first copy that counts): the guidance
+        batch [uncond..., cond...] holds two, of which ``cond`` counts the second only."""
+        copies = 2 if self.guided else 1
+        return copies, copies - 1 if self.rows == "cond" else 0
 
     def row_ranges(self, shape: torch.Size, copies: int, first_copy: int) -> Iterator[tuple[Accumulators, int, int]]:
         """(accumulators, first row, end row) of an input of ``shape`` viewed as [-1, features], per destination.
@@ -140,8 +145,7 @@ class InputStatisticsHook(ModelHook):
             call, copies, first_copy = 0, 1, 0
         else:
             counted = 0 <= state.call_index < state.num_calls
-            call, copies = state.call_index, 2 if state.guided else 1
-            first_copy = copies - 1 if state.rows == "cond" else 0
+            call, (copies, first_copy) = state.call_index, state.denoiser_copies()
         if counted:
             for accumulators, start, end in state.row_ranges(x.shape, copies, first_copy):
                 sqnorm_accumulate(x.detach(), accumulators[self.layer][call], start, end, state.token_norm)
@@ -159,10 +163,8 @@ class FusedGegluHook(ModelHook):
     def new_forward(self, module, hidden_states, *args, **kwargs):
         state = self.state
         projected = module.proj(hidden_states)
-        copies = 2 if state.guided else 1
-        first_copy = copies - 1 if state.rows == "cond" else 0
         counted = 0 <= state.call_index < state.num_calls
-        ranges = list(state.row_ranges(projected.shape, copies, first_copy)) if counted else []  # same rows as X
+        ranges = list(state.row_ranges(projected.shape, *state.denoiser_copies())) if counted else []  # X's rows
         if not ranges:
             h, gate = projected.chunk(2, dim=-1)
             return h * module.gelu(gate)

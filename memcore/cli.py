@@ -316,10 +316,7 @@ def cmd_analyze(args) -> None:
         "density": float(dens.overall),
         "iou": None if pairs is None else float(pairs.iou_overall),
         "iou_chance": None if pairs is None else float(pairs.chance_overall),
-        "groups": None if result.groups is None else {
-            group: dict(zip(("pairs", "iou", "iou_chance", "union_iou", "union_iou_chance"), values))
-            for group, values in result.groups.rows.items()
-        },
+        "groups": None if result.groups is None else result.groups.as_dict(),
         "files": [str(p) for p in result.paths],
         "seconds": round(time.perf_counter() - started, 3),
     }
@@ -350,13 +347,13 @@ def cmd_iou(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from memcore.generate import check_seeds, parse_seeds
+    from memcore.generate import parse_seeds
     from memcore.io import check_output_dir
     from memcore.prompts import load_prompts
 
     started = time.perf_counter()
     check_output_dir(args.out, "--out")  # before loading the model
-    seeds = check_seeds(parse_seeds(args.seeds))
+    seeds = parse_seeds(args.seeds)
     if args.batch_size < 1:
         raise MemcoreError(f"--batch-size: must be at least 1, got {args.batch_size}")
     if args.mask is not None and not os.path.isfile(args.mask):
