@@ -3,11 +3,16 @@
 For an input X viewed as a matrix of rows (every leading dimension flattened, features last) and a
 range of rows [row_start, row_end), it adds to a float32 accumulator ``acc[j]``::
 
-    acc[j] += sum_r xhat[r, j]^2,   xhat[r] = X[r] / ||X[r]||_2   (token_norm=True; zero rows add 0)
+    acc[j] += sum_r xhat[r, j]^2,   xhat[r] = X[r] / ||X[r]||_2   (token_norm=True)
     acc[j] += sum_r X[r, j]^2                                       (token_norm=False)
 
 This is the statistic of SPEC section 2 (``norm = sqrt(acc)`` is Wanda's activation norm), and it is
 what other pruning code needs for Wanda on any Linear: feed it the Linear's input.
+
+With ``token_norm``, a row whose squared norm ``sum_j X[r, j]^2`` (exact, i.e. float64 for 16- and
+32-bit inputs) is 0 or not finite (the row holds an inf or a NaN) contributes nothing: it has no
+direction to count. Every backend follows this rule, and no backend overflows on large finite rows.
+Without ``token_norm`` the squares are added as they are.
 
 Backends: ``reference`` (float64 PyTorch, any device), ``cpu`` (C++/OpenMP, float64 accumulation
 within a call), ``cuda`` (CUDA kernel on the caller's stream).
@@ -39,7 +44,8 @@ def sqnorm_accumulate_reference(
     sq = rows.square()
     if token_norm:
         total = sq.sum(dim=1, keepdim=True)
-        sq = torch.where(total > 0, sq / total, torch.zeros((), dtype=sq.dtype, device=sq.device))
+        counted = (total > 0) & torch.isfinite(total)
+        sq = torch.where(counted, sq / total, torch.zeros((), dtype=sq.dtype, device=sq.device))
     acc += sq.sum(dim=0).to(torch.float32)
 
 
