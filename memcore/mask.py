@@ -8,6 +8,8 @@ entry is JSON: version, model, weights hash, layers and shapes, settings, densit
 
 from __future__ import annotations
 
+import functools
+
 import json
 import math
 import os
@@ -141,11 +143,15 @@ def compute_mask(
             weight = target.linear.weight
             norms, null_norms = (n.to(weight.device) for n in stats.norms(target.name, tau))
             k = top_k(sparsity, target.linear.in_features)
-            layers[target.name] = wanda_mask(weight, norms, null_norms, k).cpu()
             if per_step:
-                steps[target.name] = torch.stack(
-                    [wanda_mask(weight, norms[t : t + 1], null_norms[t : t + 1], k).cpu() for t in range(tau)]
+                # the union is the OR of the per-step masks, bitwise on the packed bytes: tau passes over W
+                step_masks = torch.stack(
+                    [wanda_mask(weight, norms[t : t + 1], null_norms[t : t + 1], k) for t in range(tau)]
                 )
+                steps[target.name] = step_masks.cpu()
+                layers[target.name] = functools.reduce(torch.bitwise_or, steps[target.name].unbind(0))
+            else:
+                layers[target.name] = wanda_mask(weight, norms, null_norms, k).cpu()
             report.append((target, k))
 
     metadata = {
