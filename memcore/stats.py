@@ -128,14 +128,15 @@ def collect_subset_stats(
     config = config or LocalizeConfig()
     for name, prompts in subsets.items():
         if not prompts:
-            raise MemcoreError(f"no prompts to localize{f' in subset {name}' if name else ''}")
+            param, where = ("subsets", f"subset {name} has") if name else ("prompts", "has")
+            raise MemcoreError(f"{where} no prompts to localize", param=param)
     if not subsets:
-        raise MemcoreError("no prompt subsets to localize")
+        raise MemcoreError("no prompt subsets to localize", param="subsets")
     generation = resolve_generation(pipe, config)
     tau = config.timesteps
     total_calls = len(generation.call_timesteps)
     if tau > total_calls:
-        raise MemcoreError(f"--timesteps: {tau} is more than the {total_calls} denoiser calls of {generation.steps} steps")
+        raise MemcoreError(f"{tau} is more than the {total_calls} denoiser calls of {generation.steps} steps", param="timesteps")
 
     net = denoiser(pipe)
     targets = find_targets(pipe, config.target)
