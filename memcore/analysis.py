@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memcore.errors import MemcoreError
+from memcore.errors import Call, MemcoreError, Param
 from memcore.io import atomic_file
 from memcore.mask import Mask
 
@@ -210,12 +210,12 @@ def _names(items: Sequence[MaskLike], names: Sequence[str] | None) -> list[str]:
     if names is not None:
         names = [str(n) for n in names]
         if len(names) != len(items):
-            raise MemcoreError(f"got {len(names)} names for {len(items)} masks")
+            raise MemcoreError(f"{len(names)} names for {len(items)} masks", param="names")
         for i, name in enumerate(names):
             if not name.strip():
-                raise MemcoreError(f"mask name {i} is empty")
+                raise MemcoreError(f"name {i} is empty", param="names")
             if name in names[:i]:
-                raise MemcoreError(f"mask name {name!r} is given twice; names must be distinct")
+                raise MemcoreError("{name!r} is given twice; names must be distinct", param="names", name=name)
         return names
     out = [_label(item, i) if p is None else p.stem for i, (item, p) in enumerate(zip(items, paths, strict=True))]
     # Colliding stems take their folder's name ("a/mask", "b/mask"); whatever still collides its position.
@@ -269,9 +269,12 @@ def _check_per_step(mask: Mask, name: str) -> None:
     meta = mask.metadata
     layers = meta.get("layers") or []
     if not meta.get("per_step") or any(layer not in mask.per_step for layer in layers):
+        per_step = Param("per_step", True)
         raise MemcoreError(
-            f"{name}: mask has no per-step data; recompute it with --per-step "
-            "(memcore mask --per-step or memcore localize --per-step), or compare two masks with memcore iou"
+            "{name}: mask has no per-step data; recompute it with {per_step} ({mask} or {localize}), "
+            "or compare two masks with {iou}",
+            name=name, per_step=per_step, mask=Call("compute_mask", (per_step,)),
+            localize=Call("LocalizeConfig", (per_step,)), iou=Call("mask_iou"),
         )
     tau = meta.get("timesteps")
     for layer in layers:
@@ -367,7 +370,7 @@ def density(masks: Sequence[MaskLike] | MaskLike, names: Sequence[str] | None = 
     """
     items = _as_items(masks)
     if not items:
-        raise MemcoreError("no masks given")
+        raise MemcoreError("none given", param="masks")
     names = _names(items, names)
     loaded, labels = _load(items)
     check_comparable(loaded, labels)
@@ -670,10 +673,10 @@ def analyze(
 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise MemcoreError(f"{out}: exists and is not a folder")
+        raise MemcoreError("exists and is not a folder", param="out_dir", value=out)
     items = _as_items(masks)
     if not items:
-        raise MemcoreError("no masks given")
+        raise MemcoreError("none given", param="masks")
     if not density_only:
         _check_two(items)
     names = _names(items, names)

@@ -14,7 +14,7 @@ import sys
 import time
 
 from memcore._version import __version__
-from memcore.errors import MemcoreError
+from memcore.errors import Call, MemcoreError, Mention, Param, Pass
 
 MODEL_HELP = (
     "an embedded random-weight model (tiny: SD 1.5 architecture, tiny-sd2, tiny-sdxl, tiny-pixart, tiny-sd3), "
@@ -189,6 +189,75 @@ def _describe(summary: dict, path: str) -> str:
     )
 
 
+# The library names parameters as its functions do; a flag is found from its argparse dest. These
+# library names have another dest, and token_norm=False is the switch --no-token-norm.
+LIBRARY_DESTS = {"out_dir": "out"}
+NEGATED_DESTS = {"token_norm": "no_token_norm"}
+# The command that runs a library function an error mentions.
+FUNCTION_COMMANDS = {
+    "localize": "localize",
+    "localize_subsets": "localize",
+    "LocalizeConfig": "localize",
+    "compute_mask": "mask",
+    "prune": "prune",
+    "analyze": "analyze",
+    "mask_iou": "iou",
+    "generate": "generate",
+}
+
+
+class FlagWords:
+    """Spells the parameters a :class:`MemcoreError` mentions as the flags of ``command``.
+
+    ``error.render(FlagWords(parser, "localize"))`` turns the library's words into the terminal's::
+
+        sparsity: must be in (0, 1], got 2              --sparsity: must be in (0, 1], got 2
+        out_dir x: already exists                       --out x: already exists
+        ...; pass force=True to apply it anyway         ...; use --force to apply it anyway
+        ... with per_step=True (compute_mask(...))      ... with --per-step (memcore mask --per-step)
+
+    A parameter is looked up by its dest among the options of ``command`` first, then of the other
+    commands; one that no command has as an option (a positional argument) keeps its library words.
+    """
+
+    def __init__(self, parser: argparse.ArgumentParser, command: str) -> None:
+        # argparse has no public way to list a parser's actions; _actions has been there since it began
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        self.command = command
+        self.options = {
+            name: {a.dest: a for a in sub._actions if a.option_strings} for name, sub in commands.items()
+        }
+
+    def __call__(self, mention: Mention) -> str:
+        if isinstance(mention, Call):
+            command = FUNCTION_COMMANDS.get(mention.function)
+            flags = [self.flag(p, command) for p in mention.params] if command else None
+            if flags is None or None in flags:
+                return mention.python()
+            return " ".join(["memcore", command, *flags])
+        flag = self.flag(mention, self.command)
+        if flag is None:
+            return mention.python()
+        return f"use {flag}" if isinstance(mention, Pass) else flag
+
+    def flag(self, param: Param, command: str) -> str | None:
+        """``--force`` for force=True, ``--model PATH`` for model=PATH, ``--out`` for out_dir; None where
+        no flag says it."""
+        dest, value = LIBRARY_DESTS.get(param.name, param.name), param.value
+        if param.name in NEGATED_DESTS:
+            dest, value = NEGATED_DESTS[param.name], None if value is None else not value
+        order = [command, *(name for name in self.options if name != command)]
+        action = next((self.options[name][dest] for name in order if dest in self.options.get(name, {})), None)
+        if action is None:
+            return None
+        option = next((s for s in action.option_strings if s.startswith("--")), action.option_strings[0])
+        if value is None:
+            return option
+        if action.nargs == 0:  # a switch: it can only say True
+            return option if value is True else None
+        return f"{option} {value}"
+
+
 def cmd_localize(args) -> None:
     from memcore.config import LocalizeConfig
     from memcore.io import check_output_file
@@ -212,8 +281,8 @@ def cmd_localize(args) -> None:
     if args.subsets:
         _localize_subsets(args, config, started)
         return
-    out = check_output_file(args.out or "mask.safetensors", "--out")
-    stats_out = check_output_file(args.stats_out, "--stats-out") if args.stats_out else None
+    out = check_output_file(args.out or "mask.safetensors", "out")
+    stats_out = check_output_file(args.stats_out, "stats_out") if args.stats_out else None
     prompts = load_prompts(args.prompts)
 
     from memcore.localize import localize
@@ -234,10 +303,10 @@ def _localize_subsets(args, config, started: float) -> None:
     from memcore.models import load_pipeline
     from memcore.prompts import load_subsets
 
-    out = check_output_dir(args.out or "masks", "--out")
-    stats_out = check_output_dir(args.stats_out, "--stats-out") if args.stats_out else None
+    out = check_output_dir(args.out or "masks", "out")
+    stats_out = check_output_dir(args.stats_out, "stats_out") if args.stats_out else None
     if stats_out is not None and stats_out.resolve() == out.resolve():
-        raise MemcoreError("--stats-out: must be another folder than --out")
+        raise MemcoreError("must be another folder than {out}", param="stats_out", out=Param("out"))
     subsets = load_subsets(args.subsets)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     results = localize_subsets(pipe, subsets, config)
@@ -257,18 +326,15 @@ def _localize_subsets(args, config, started: float) -> None:
 
 
 def cmd_mask(args) -> None:
-    from memcore.config import check_sparsity, check_timesteps
     from memcore.io import check_output_file
-    from memcore.mask import compute_mask
+    from memcore.mask import check_mask_settings, compute_mask
     from memcore.models import load_pipeline
     from memcore.stats import Statistics
 
     started = time.perf_counter()
-    check_sparsity(args.sparsity)
-    if args.timesteps is not None:
-        check_timesteps(args.timesteps)
-    out = check_output_file(args.out, "--out")
+    out = check_output_file(args.out, "out")
     stats = Statistics.load(args.stats)
+    check_mask_settings(stats, args.sparsity, args.timesteps)  # before loading the model
     pipe = load_pipeline(args.model, args.device, args.dtype or stats.metadata["dtype"])
     mask = compute_mask(pipe, stats, args.sparsity, args.timesteps, args.per_step, force=args.force)
     mask.save(out)
@@ -283,7 +349,7 @@ def cmd_prune(args) -> None:
     from memcore.prune import prune
 
     started = time.perf_counter()
-    out = check_output_dir(args.out, "--out")
+    out = check_output_dir(args.out, "out")
     mask = Mask.load(args.mask)
     pipe = load_pipeline(args.model, args.device or "cpu", args.dtype or mask.metadata["dtype"])
     zeroed = prune(pipe, mask, force=args.force)
@@ -305,8 +371,6 @@ def cmd_analyze(args) -> None:
     started = time.perf_counter()
     masks = files_in(args.masks, (".safetensors",), "mask files")
     names = [n.strip() for n in args.names.split(",")] if args.names else None
-    if names is not None and len(names) != len(masks):
-        raise MemcoreError(f"--names: {len(names)} names for {len(masks)} masks")
     control = files_in(args.control, (".safetensors",), "mask files") if args.control else ()
     result = analyze(masks, args.out, names=names, density_only=args.density_only, control=control)
     dens, pairs = result.density, result.pairwise
@@ -347,17 +411,13 @@ def cmd_iou(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from memcore.generate import parse_seeds
-    from memcore.io import check_output_dir
+    from memcore.generate import check_generate_arguments, parse_seeds
     from memcore.prompts import load_prompts
 
     started = time.perf_counter()
-    check_output_dir(args.out, "--out")  # before loading the model
-    seeds = parse_seeds(args.seeds)
-    if args.batch_size < 1:
-        raise MemcoreError(f"--batch-size: must be at least 1, got {args.batch_size}")
-    if args.mask is not None and not os.path.isfile(args.mask):
-        raise MemcoreError(f"--mask {args.mask}: no such file")
+    settings = {"steps": args.steps, "height": args.height, "width": args.width, "batch_size": args.batch_size}
+    # before loading the model
+    _, seeds = check_generate_arguments(parse_seeds(args.seeds), out_dir=args.out, mask=args.mask, **settings)
     prompts = load_prompts(args.prompts)
 
     from memcore.generate import generate
@@ -365,8 +425,7 @@ def cmd_generate(args) -> None:
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
     result = generate(
-        pipe, prompts, seeds, out_dir=args.out, mask=args.mask, steps=args.steps, guidance=args.guidance,
-        height=args.height, width=args.width, force=args.force, batch_size=args.batch_size,
+        pipe, prompts, seeds, out_dir=args.out, mask=args.mask, guidance=args.guidance, force=args.force, **settings
     )
     summary = {
         "out": str(result.out_dir),
@@ -455,14 +514,15 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     # No handler is configured: logging's last-resort handler prints warnings as bare lines on stderr.
     # transformers warns at import about optional image backends that memcore never uses
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         COMMANDS[args.command](args)
     except MemcoreError as exc:
-        print(f"memcore {args.command}: error: {exc}", file=sys.stderr)
+        print(f"memcore {args.command}: error: {exc.render(FlagWords(parser, args.command))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("memcore: interrupted", file=sys.stderr)

@@ -55,27 +55,36 @@ class LocalizeConfig:
         check_sparsity(self.sparsity)
         check_timesteps(self.timesteps)
         if self.rows not in ROWS:
-            raise MemcoreError(f"--rows: must be one of {', '.join(ROWS)}, got {self.rows!r}")
-        if self.batch_size < 1:
-            raise MemcoreError(f"--batch-size: must be at least 1, got {self.batch_size}")
-        if self.steps is not None and self.steps < 1:
-            raise MemcoreError(f"--steps: must be at least 1, got {self.steps}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise MemcoreError(f"--{name}: must be a positive multiple of 8, got {value}")
+            raise MemcoreError(f"must be one of {', '.join(ROWS)}, got {self.rows!r}", param="rows")
+        check_batch_size(self.batch_size)
+        check_image_settings(self.steps, self.height, self.width)
 
 
 def check_sparsity(sparsity: float) -> float:
     if not 0 < sparsity <= 1:
-        raise MemcoreError(f"--sparsity: must be in (0, 1], got {sparsity}")
+        raise MemcoreError(f"must be in (0, 1], got {sparsity}", param="sparsity")
     return sparsity
 
 
 def check_timesteps(timesteps: int) -> int:
     if timesteps < 1:
-        raise MemcoreError(f"--timesteps: must be at least 1, got {timesteps}")
+        raise MemcoreError(f"must be at least 1, got {timesteps}", param="timesteps")
     return timesteps
+
+
+def check_batch_size(batch_size: int) -> int:
+    if batch_size < 1:
+        raise MemcoreError(f"must be at least 1, got {batch_size}", param="batch_size")
+    return batch_size
+
+
+def check_image_settings(steps: int | None, height: int | None, width: int | None) -> None:
+    """Inference steps and image size, where given (``None`` is the pipeline's default)."""
+    if steps is not None and steps < 1:
+        raise MemcoreError(f"must be at least 1, got {steps}", param="steps")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (value < 8 or value % 8):
+            raise MemcoreError(f"must be a positive multiple of 8, got {value}", param=name)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from memcore.config import LocalizeConfig, resolve_generation
+from memcore.config import LocalizeConfig, check_batch_size, check_image_settings, resolve_generation
 from memcore.errors import MemcoreError
 from memcore.io import atomic_dir, check_output_dir
 
@@ -65,12 +65,14 @@ def parse_seeds(text: str) -> list[int]:
         item = item.strip()
         low, sep, high = item.partition("-")
         if not low.strip().isdigit() or (sep and not high.strip().isdigit()):
-            raise MemcoreError(f"--seeds: bad item {item!r} in {text!r} (use non-negative integers and ranges like 0-3)")
+            raise MemcoreError(
+                f"bad item {item!r} in {text!r} (use non-negative integers and ranges like 0-3)", param="seeds"
+            )
         start, stop = int(low), int(high) if sep else int(low)
         if stop < start:
-            raise MemcoreError(f"--seeds: range {item!r} runs backwards")
+            raise MemcoreError(f"range {item!r} runs backwards", param="seeds")
         if len(seeds) + stop - start + 1 > MAX_SEEDS:
-            raise MemcoreError(f"--seeds: more than {MAX_SEEDS} seeds in {text!r}")
+            raise MemcoreError(f"more than {MAX_SEEDS} seeds in {text!r}", param="seeds")
         seeds.extend(range(start, stop + 1))
     return check_seeds(seeds)
 
@@ -79,15 +81,15 @@ def check_seeds(seeds) -> list[int]:
     """The seeds as a list, or a one-line error: empty, not an integer, negative, too large, repeated."""
     seeds = list(seeds)
     if not seeds:
-        raise MemcoreError("--seeds: no seeds given")
+        raise MemcoreError("no seeds given", param="seeds")
     seen = set()
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise MemcoreError(f"--seeds: {seed!r} is not an integer")
+            raise MemcoreError(f"{seed!r} is not an integer", param="seeds")
         if not 0 <= seed < _SEED_LIMIT:
-            raise MemcoreError(f"--seeds: {seed} is out of range (0 .. 2**64 - 1)")
+            raise MemcoreError(f"{seed} is out of range (0 .. 2**64 - 1)", param="seeds")
         if seed in seen:
-            raise MemcoreError(f"--seeds: seed {seed} is given twice")
+            raise MemcoreError(f"seed {seed} is given twice", param="seeds")
         seen.add(seed)
     return seeds
 
@@ -103,6 +105,30 @@ def grid_size(num_prompts: int, num_seeds: int, width: int, height: int, pruned:
 
 def image_name(prompt_index: int, seed: int, pruned: bool = False) -> str:
     return f"p{prompt_index:03d}_s{seed}{'_pruned' if pruned else ''}.png"
+
+
+def check_generate_arguments(
+    seeds,
+    *,
+    out_dir: str | os.PathLike,
+    mask=None,
+    steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 8,
+) -> tuple[Path, list[int]]:
+    """(out_dir, seeds) once the arguments of :func:`generate` that need no pipeline are known good.
+
+    :func:`generate` calls it first; a caller that loads the pipeline itself (the CLI) can call it
+    before loading, to fail in a second rather than after the load.
+    """
+    out = check_output_dir(out_dir, "out_dir")
+    seeds = check_seeds(seeds)
+    check_batch_size(batch_size)
+    check_image_settings(steps, height, width)
+    if isinstance(mask, (str, os.PathLike)) and not os.path.isfile(mask):
+        raise MemcoreError("no such file", param="mask", value=mask)
+    return out, seeds
 
 
 def generate(
@@ -133,12 +159,12 @@ def generate(
         batch_size: prompts per pipeline call (all share the seed's x_T).
         progress: show a progress bar over images (on a terminal).
     """
-    out = check_output_dir(out_dir, "--out")
+    out, seeds = check_generate_arguments(
+        seeds, out_dir=out_dir, mask=mask, steps=steps, height=height, width=width, batch_size=batch_size
+    )
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise MemcoreError("--prompts: expected a non-empty list of prompt strings")
-    prompts, seeds = list(prompts), check_seeds(seeds)
-    if batch_size < 1:
-        raise MemcoreError(f"--batch-size: must be at least 1, got {batch_size}")
+        raise MemcoreError("expected a non-empty list of prompt strings", param="prompts")
+    prompts = list(prompts)
     settings = resolve_generation(pipe, LocalizeConfig(steps=steps, guidance=guidance, height=height, width=width))
     mask_path = None
     if isinstance(mask, (str, os.PathLike)):

@@ -33,23 +33,23 @@ def files_in(paths: list[str | os.PathLike], suffixes: tuple[str, ...], what: st
     return files
 
 
-def check_output_file(path: str | os.PathLike, option: str) -> Path:
-    """Fail early (before any long work) when ``path`` cannot be written as a file."""
+def check_output_file(path: str | os.PathLike, param: str) -> Path:
+    """Fail early (before any long work) when ``path``, the value of ``param``, cannot be written as a file."""
     out = Path(path)
     if out.is_dir():
-        raise MemcoreError(f"{option} {out}: is a directory")
+        raise MemcoreError("is a directory", param=param, value=out)
     if not out.parent.is_dir():
-        raise MemcoreError(f"{option} {out}: folder {out.parent} does not exist")
+        raise MemcoreError("folder {folder} does not exist", param=param, value=out, folder=out.parent)
     return out
 
 
-def check_output_dir(path: str | os.PathLike, option: str) -> Path:
-    """Fail early when ``path`` cannot be created as a new folder."""
+def check_output_dir(path: str | os.PathLike, param: str) -> Path:
+    """Fail early when ``path``, the value of ``param``, cannot be created as a new folder."""
     out = Path(path)
     if out.exists():
-        raise MemcoreError(f"{option} {out}: already exists; choose a new folder")
+        raise MemcoreError("already exists; choose a new folder", param=param, value=out)
     if not out.parent.is_dir():
-        raise MemcoreError(f"{option} {out}: folder {out.parent} does not exist")
+        raise MemcoreError("folder {folder} does not exist", param=param, value=out, folder=out.parent)
     return out
 
 

@@ -2,7 +2,7 @@
 
 File layout (safetensors): one uint8 tensor per target Linear, keyed by the Linear's full module
 name, shaped [out, ceil(in / 8)], holding ``numpy.packbits(mask, axis=1, bitorder="little")``; with
-``--per-step``, also ``<name>.per_step`` shaped [tau, out, ceil(in / 8)]. The ``memcore`` metadata
+per-step masks, also ``<name>.per_step`` shaped [tau, out, ceil(in / 8)]. The ``memcore`` metadata
 entry is JSON: version, model, weights hash, layers and shapes, settings, density per layer.
 """
 
@@ -20,7 +20,7 @@ import torch
 
 from memcore._version import __version__
 from memcore.config import check_sparsity, check_timesteps
-from memcore.errors import MemcoreError
+from memcore.errors import MemcoreError, Param, Pass
 from memcore.io import atomic_file
 from memcore.ops import unpack_mask, wanda_mask
 from memcore.stats import Statistics, _read_safetensors
@@ -53,7 +53,7 @@ class Mask:
     def unpack_step(self, layer: str, call: int) -> torch.Tensor:
         """The boolean mask [out, in] of ``layer`` at call index ``call`` (needs ``per_step``)."""
         if layer not in self.per_step:
-            raise MemcoreError("this mask was computed without --per-step")
+            raise MemcoreError("this mask was computed without {per_step}", per_step=Param("per_step", True))
         return unpack_mask(self.per_step[layer][call], self.shape(layer)[1])
 
     def count(self, layer: str) -> int:
@@ -104,9 +104,18 @@ def check_same_weights(targets, metadata: dict, what: str, force: bool = False) 
         )
     if not force and weights_sha256(targets) != metadata["weights_sha256"]:
         raise MemcoreError(
-            f"{what} was made from other weights (model {metadata.get('model_id')!r}, dtype {metadata.get('dtype')}); "
-            "use --force to apply it anyway"
+            "{what} was made from other weights (model {model!r}, dtype {dtype}); {force} to apply it anyway",
+            what=what, model=metadata.get("model_id"), dtype=metadata.get("dtype"), force=Pass("force"),
         )
+
+
+def check_mask_settings(stats: Statistics, sparsity: float, timesteps: int | None) -> int:
+    """tau, once ``sparsity`` and ``timesteps`` are known good for ``stats`` (no model needed)."""
+    check_sparsity(sparsity)
+    tau = stats.num_calls if timesteps is None else check_timesteps(timesteps)
+    if tau > stats.num_calls:
+        raise MemcoreError(f"{tau} is more than the {stats.num_calls} calls the statistics hold", param="timesteps")
+    return tau
 
 
 def compute_mask(
@@ -130,10 +139,7 @@ def compute_mask(
     """
     from memcore.targets import find_targets
 
-    check_sparsity(sparsity)
-    tau = stats.num_calls if timesteps is None else check_timesteps(timesteps)
-    if tau > stats.num_calls:
-        raise MemcoreError(f"--timesteps: {tau} is more than the {stats.num_calls} calls the statistics hold")
+    tau = check_mask_settings(stats, sparsity, timesteps)
     targets = find_targets(model, stats.metadata.get("target", "ffn"))
     check_same_weights(targets, stats.metadata, "the statistics file", force)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from memcore.errors import MemcoreError
+from memcore.errors import MemcoreError, Param
 from memcore.tiny import FAMILIES
 
 logger = logging.getLogger("memcore")
@@ -36,7 +36,7 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
         return name
     key = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}.get(name, name)
     if key not in DTYPES:
-        raise MemcoreError(f"--dtype: unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+        raise MemcoreError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}", param="dtype")
     return DTYPES[key]
 
 
@@ -48,9 +48,9 @@ def resolve_device(device: str | torch.device | None, dtype: str | torch.dtype |
         try:
             dev = torch.device(device)
         except RuntimeError as exc:
-            raise MemcoreError(f"--device: {exc}") from None
+            raise MemcoreError("{exc}", param="device", exc=exc) from None
         if dev.type == "cuda" and not torch.cuda.is_available():
-            raise MemcoreError(f"--device {device}: CUDA is not available on this machine")
+            raise MemcoreError("CUDA is not available on this machine", param="device", value=device)
     resolved = parse_dtype(dtype)
     if resolved is None:
         resolved = torch.float16 if dev.type == "cuda" else torch.float32
@@ -92,8 +92,9 @@ def _from_hub(model: str, repo_id: str, dtype: torch.dtype):
         config, local_only = None, False
     if not local_only and constants.is_offline_mode():
         raise MemcoreError(
-            f"--model {model}: {repo_id} is not in the local cache ({constants.HF_HUB_CACHE}) and the hub is "
-            f"offline (HF_HUB_OFFLINE is set); download it first or pass --model PATH to a diffusers folder"
+            "{repo_id} is not in the local cache ({cache}) and the hub is offline (HF_HUB_OFFLINE is set); "
+            "download it first or pass {path} to a diffusers folder",
+            param="model", value=model, repo_id=repo_id, cache=constants.HF_HUB_CACHE, path=Param("model", "PATH"),
         )
     try:
         if config is None:
@@ -104,8 +105,10 @@ def _from_hub(model: str, repo_id: str, dtype: torch.dtype):
         )
     except (OSError, ValueError, ConnectionError) as exc:
         raise MemcoreError(
-            f"--model {model}: cannot load {repo_id}: not in the local cache ({constants.HF_HUB_CACHE}) and the "
-            f"hub could not be reached ({_first_line(exc)}); pass --model PATH to a diffusers folder"
+            "cannot load {repo_id}: not in the local cache ({cache}) and the hub could not be reached ({reason}); "
+            "pass {path} to a diffusers folder",
+            param="model", value=model, repo_id=repo_id, cache=constants.HF_HUB_CACHE, reason=_first_line(exc),
+            path=Param("model", "PATH"),
         ) from None
 
 
@@ -131,7 +134,9 @@ def load_pipeline(model: str, device: str | torch.device | None = None, dtype: s
         if path.exists():
             pipe = _from_folder(path, dt)
         elif model.startswith((".", "/", "~")) or repo_id.count("/") != 1:
-            raise MemcoreError(f"--model {model}: no such folder, and not a known alias ({', '.join(ALIASES)}) or hub id")
+            raise MemcoreError(
+                f"no such folder, and not a known alias ({', '.join(ALIASES)}) or hub id", param="model", value=model
+            )
         else:
             pipe = _from_hub(model, repo_id, dt)
     pipe.to(dev)

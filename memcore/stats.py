@@ -128,14 +128,18 @@ def collect_subset_stats(
     config = config or LocalizeConfig()
     for name, prompts in subsets.items():
         if not prompts:
-            raise MemcoreError(f"no prompts to localize{f' in subset {name}' if name else ''}")
+            if name:
+                raise MemcoreError(f"subset {name} is empty; nothing to localize", param="subsets")
+            raise MemcoreError("empty; nothing to localize", param="prompts")
     if not subsets:
-        raise MemcoreError("no prompt subsets to localize")
+        raise MemcoreError("empty; nothing to localize", param="subsets")
     generation = resolve_generation(pipe, config)
     tau = config.timesteps
     total_calls = len(generation.call_timesteps)
     if tau > total_calls:
-        raise MemcoreError(f"--timesteps: {tau} is more than the {total_calls} denoiser calls of {generation.steps} steps")
+        raise MemcoreError(
+            f"{tau} is more than the {total_calls} denoiser calls of {generation.steps} steps", param="timesteps"
+        )
 
     net = denoiser(pipe)
     targets = find_targets(pipe, config.target)

@@ -64,11 +64,14 @@ def check_family(target: str) -> str:
     if target in FAMILIES:
         return target
     if not target:
-        raise MemcoreError(f"--target: empty; choose one of {', '.join(FAMILIES)} or a regular expression")
+        raise MemcoreError(f"empty; choose one of {', '.join(FAMILIES)} or a regular expression", param="target")
     try:
         re.compile(target)
     except re.error as exc:
-        raise MemcoreError(f"--target {target!r}: not a family ({', '.join(FAMILIES)}) nor a valid regular expression ({exc})") from None
+        raise MemcoreError(
+            "not a family ({families}) nor a valid regular expression ({exc})",
+            param="target", value=repr(target), families=", ".join(FAMILIES), exc=exc,
+        ) from None
     return target
 
 
@@ -80,7 +83,7 @@ def find_targets(model, target: str = FFN) -> list[Target]:
     is_module = isinstance(model, nn.Module)
     if target == "text-mlp":
         if is_module:
-            raise MemcoreError("--target text-mlp: needs the whole pipeline, not only its denoiser")
+            raise MemcoreError("needs the whole pipeline, not only its denoiser", param="target", value=target)
         found = _text_mlp_targets(model)
     else:
         net = model if is_module else denoiser(model)
@@ -95,7 +98,7 @@ def find_targets(model, target: str = FFN) -> list[Target]:
         found.sort(key=lambda t: _EXECUTION_RANK.get(t.name.split(".", 1)[0], 1))
     if not found:
         where = "the text encoders" if target == "text-mlp" else type(model if is_module else denoiser(model)).__name__
-        raise MemcoreError(f"--target {target}: no matching Linear layers in {where}")
+        raise MemcoreError("no matching Linear layers in {where}", param="target", value=target, where=where)
     return found
 
 

@@ -200,10 +200,12 @@ def test_check_comparable_refuses_other_settings(key, value):
 
 def test_check_comparable_needs_per_step():
     masks = [make_mask(A), make_mask(B, per_step=False)]
-    with pytest.raises(
-        MemcoreError, match=r"^two.safetensors: mask has no per-step data; recompute it with --per-step"
-    ):
+    with pytest.raises(MemcoreError) as info:
         check_comparable(masks, ["one.safetensors", "two.safetensors"])
+    assert str(info.value) == (
+        "two.safetensors: mask has no per-step data; recompute it with per_step=True (compute_mask(per_step=True) "
+        "or LocalizeConfig(per_step=True)), or compare two masks with mask_iou()"
+    )
     check_comparable(masks, ["one", "two"], require_per_step=False)
 
 

@@ -53,14 +53,16 @@ def test_parse_seeds():
 
 @pytest.mark.parametrize("text", ["", "a", "-1", "3-1", "1,1", "0-", "1.5", "1,,2", "0-2,1", "0-99999999"])
 def test_parse_seeds_rejects(text):
-    with pytest.raises(MemcoreError, match="--seeds"):
+    with pytest.raises(MemcoreError, match="^seeds: ") as info:
         gen.parse_seeds(text)
+    assert info.value.param == "seeds"
 
 
 @pytest.mark.parametrize("seeds", [[], [-1], [True], [1.0], [2**64], [3, 3]])
 def test_check_seeds_rejects(seeds):
-    with pytest.raises(MemcoreError, match="--seeds"):
+    with pytest.raises(MemcoreError, match="^seeds: ") as info:
         gen.check_seeds(seeds)
+    assert info.value.param == "seeds"
 
 
 def test_originals(tmp_path):
