@@ -4,15 +4,15 @@ For each model: localize every subset in one run (shared empty-prompt run, batch
 per-step masks), analyze the masks (density and pairwise IoU per call index and layer, with a chance
 baseline), and draw a few prompts before and after pruning with the first subset's mask.
 
-Control: subsets of the same size cut from a list of non-memorized prompts are localized in the same
-run. The Wanda score multiplies by |W|, which every mask of a model shares, so overlap beyond the
+Control: subsets of the same size cut from a list of non-memorized prompts (by default the built-in
+laion-nomem-500: LAION captions that SD 1 does not memorize) are localized in the same run. The Wanda score multiplies by |W|, which every mask of a model shares, so overlap beyond the
 position-chance baseline is expected of any two masks; what supports the paper's claim is memorized
 subsets overlapping more with each other than with the control subsets. The report gives the mean
 IoU within the memorized subsets, within the control subsets and across the two (``groups.csv``).
 
     python examples/subset_experiment.py                       # tiny model, subsets memorize_0..9
     python examples/subset_experiment.py --model sd15          # also SD 1.5, if its weights are local
-    python examples/subset_experiment.py --model /path/to/sd15-folder --subsets ../shared/data/memorized/subsets/memorize_{0..4}.txt
+    python examples/subset_experiment.py --model /path/to/sd15-folder --subsets memorize_0..4 --control coco-10k
 
 The tiny model always runs (random weights, built in memory). A real model runs only when its weights
 are in the local Hugging Face cache or a local folder; otherwise it is reported as skipped. The tiny
@@ -31,10 +31,9 @@ import memcore
 from memcore.analysis import analyze
 from memcore.generate import generate
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
-DEFAULT_SUBSETS = [DATA / "memorized" / "subsets" / f"memorize_{i}.txt" for i in range(10)]
-DEFAULT_CONTROL = DATA / "non_memorized" / "non_mem.txt"
+# built-in prompt sets ('memcore data' lists them); files and folders work too
+DEFAULT_SUBSETS = ["memorize_0..9"]
+DEFAULT_CONTROL = "laion-nomem-500"
 
 
 def weights_present(model: str) -> bool:
@@ -48,7 +47,7 @@ def weights_present(model: str) -> bool:
     return isinstance(try_to_load_from_cache(resolve_model_id(model), "model_index.json"), str)
 
 
-def control_subsets(subsets: dict[str, list[str]], control: Path) -> dict[str, list[str]]:
+def control_subsets(subsets: dict[str, list[str]], control: str) -> dict[str, list[str]]:
     """Consecutive slices of the control prompts, as many (up to one per subset) and as large as the subsets."""
     prompts = memcore.load_prompts(control)
     size = max(len(p) for p in subsets.values())
@@ -58,8 +57,8 @@ def control_subsets(subsets: dict[str, list[str]], control: Path) -> dict[str, l
 
 def run(
     model: str,
-    subset_files: list[Path],
-    control: Path | None,
+    subset_sources: list[str],
+    control: str | None,
     out: Path,
     sparsity: float,
     timesteps: int,
@@ -70,7 +69,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     pipe = memcore.load_pipeline(model)
-    subsets = memcore.load_subsets(subset_files)
+    subsets = memcore.load_subsets(subset_sources)
     controls = control_subsets(subsets, control) if control is not None else {}
     config = memcore.LocalizeConfig(
         sparsity=sparsity, timesteps=timesteps, batch_size=batch_size, per_step=True, steps=steps, progress=False
@@ -111,8 +110,14 @@ def run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", default=[], help="a real model to run as well (alias, hub id or folder)")
-    parser.add_argument("--subsets", nargs="+", type=Path, default=DEFAULT_SUBSETS, help="subset prompt files (default memorize_0..9)")
-    parser.add_argument("--control", type=Path, default=DEFAULT_CONTROL, help="non-memorized prompts for the control subsets")
+    parser.add_argument(
+        "--subsets", nargs="+", default=DEFAULT_SUBSETS,
+        help="memorized subsets: built-in sets, ranges of them, files or folders (default memorize_0..9)",
+    )
+    parser.add_argument(
+        "--control", default=DEFAULT_CONTROL,
+        help="non-memorized prompts, a built-in set or a file, cut into the control subsets (default laion-nomem-500)",
+    )
     parser.add_argument("--no-control", action="store_true", help="skip the control subsets")
     parser.add_argument("--out", type=Path, default=Path("runs/subset_experiment"), help="output folder")
     parser.add_argument("--timesteps", type=int, default=10, help="tau (default 10)")

@@ -57,11 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_model_args(p, "torch device (default: cuda if available, else cpu)", "default: float16 on CUDA, float32 on CPU")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompts", help="memorized prompts: .txt (one per line), .jsonl or .csv")
     source.add_argument(
-        "--subsets", nargs="+", metavar="FILE",
-        help="prompt subsets (files, or one folder of .txt/.jsonl/.csv files): one mask each, named after the "
-        "file, written into the --out folder",
+        "--prompts",
+        help="memorized prompts: a .txt (one per line), .jsonl or .csv file, or a built-in set such as sdv1-500 or "
+        "memorize_0 ('memcore data' lists them)",
+    )
+    source.add_argument(
+        "--subsets", nargs="+", metavar="SET",
+        help="prompt subsets, one mask each, named after the file or set, written into the --out folder: files, "
+        "folders of .txt/.jsonl/.csv files, built-in sets, or ranges of them such as memorize_0..9",
     )
     _add_mask_args(p, None)
     p.add_argument(
@@ -140,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         "pruned model) and a grid: rows prompts, columns seeds, original and pruned side by side.",
     )
     _add_model_args(p, "torch device (default: cuda if available, else cpu)", "default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--prompts", required=True, help="prompts: .txt (one per line), .jsonl or .csv")
+    p.add_argument(
+        "--prompts", required=True,
+        help="prompts: a .txt (one per line), .jsonl or .csv file, or a built-in set such as memorize_0 "
+        "('memcore data' lists them)",
+    )
     p.add_argument("--seeds", default="0,1,2,3", help="seeds: a comma list and ranges, e.g. 0,1,2,3 or 0-3 (default 0,1,2,3)")
     p.add_argument("--mask", help="a mask file: also generate after zeroing its weights")
     p.add_argument("--out", required=True, help="new folder for the images, grid.png and manifest.json")
@@ -150,6 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation (default 8)")
     p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
+
+    p = sub.add_parser(
+        "data",
+        help="list the built-in prompt sets, or print the prompts of one",
+        description="The prompt lists that ship with memcore: a set's name works wherever a prompt file does "
+        "(--prompts sdv1-500, --subsets memorize_0..9). Without NAME, list the sets with their rows, source, "
+        "licence and what to cite; with NAME, print its prompts, one per line.",
+    )
+    p.add_argument("name", nargs="?", metavar="NAME", help="a built-in set, e.g. sdv1-500 or memorize_0: print its prompts")
+    p.add_argument("--json", action="store_true", help="print machine-readable output on stdout")
 
     p = sub.add_parser("env", help="show versions, devices and which kernel backends loaded")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -440,6 +458,35 @@ def cmd_generate(args) -> None:
     _emit(args, summary, f"wrote {summary['images']} images and {result.grid} ({width}x{height}){pruned}")
 
 
+def cmd_data(args) -> None:
+    from memcore import datasets
+
+    if args.name is None and args.json:
+        text = json.dumps([s.as_dict() for s in datasets.builtin_sets()], indent=2)
+    elif args.name is None:
+        lines = [f"{'NAME':19} {'ROWS':>6}  DESCRIPTION, SOURCE AND LICENCE, CITATION"]
+        for label, members in datasets.groups():
+            first, sizes = members[0], sorted({s.rows for s in members})
+            rows = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+            lines += [
+                f"{label:19} {rows:>6}  {first.description}",
+                f"{'':28}{first.source}, {first.licence}",
+                f"{'':28}cite: {first.citation}",
+            ]
+        lines.append("A name works wherever a prompt file does; 'memcore data NAME' prints its prompts. See DATA.md.")
+        text = "\n".join(lines)
+    else:
+        found = datasets.get(args.name)
+        if found is None:
+            raise MemcoreError(f"{args.name}: not a built-in prompt set ('memcore data' lists them)")
+        prompts = found.prompts()
+        text = json.dumps({**found.as_dict(), "prompts": prompts}, indent=2, ensure_ascii=False) if args.json else "\n".join(prompts)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # piped into head, say: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def cmd_env(args) -> None:
     import platform
 
@@ -509,6 +556,7 @@ COMMANDS = {
     "analyze": cmd_analyze,
     "iou": cmd_iou,
     "generate": cmd_generate,
+    "data": cmd_data,
     "env": cmd_env,
 }
 

@@ -1,13 +1,16 @@
-"""Read prompt lists (.txt, .jsonl, .csv) into a list of strings.
+"""Read prompt lists (.txt, .jsonl, .csv files, or built-in sets by name) into a list of strings.
 
 Prompts are stripped, kept in file order and kept verbatim otherwise (HTML, unicode, inner runs of
 spaces, long text). Duplicates are kept, with one warning on the ``memcore`` logger. Every mistake in
-the input is raised as a one-line :class:`~memcore.errors.MemcoreError` naming the file.
+the input is raised as a one-line :class:`~memcore.errors.MemcoreError` naming the file or name.
+An existing path is always read as a file; any other argument is looked up among the built-in sets
+of :mod:`memcore.datasets` (``memcore data`` lists them).
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import logging
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from memcore.errors import MemcoreError
 
-__all__ = ["load_prompts", "load_subsets"]
+__all__ = ["BuiltinPrompts", "load_prompts", "load_subsets", "parse_prompts"]
 
 log = logging.getLogger("memcore")
 
@@ -95,23 +98,60 @@ def _from_csv(text: str, name: str) -> list[str]:
 _READERS = {".txt": _from_txt, ".jsonl": _from_jsonl, ".csv": _from_csv}
 
 
-def load_prompts(path: str | os.PathLike) -> list[str]:
-    """Return the prompts of a ``.txt``, ``.jsonl`` or ``.csv`` file, stripped, in file order.
+class BuiltinPrompts(list):
+    """The prompts of a built-in set: a plain list of strings that also knows the set's name.
 
-    Raises :class:`MemcoreError` for a missing, unreadable or malformed file, or one with no prompts.
+    Statistics and masks computed from it record the name (``prompt_set``) beside the sha256 of the
+    prompts, which is the same whether the list came from a name or from a file.
     """
-    p = Path(path)
-    name = str(path)
-    if not p.exists():
-        raise MemcoreError(f"{name}: no such file")
+
+    def __init__(self, prompts: list[str], set_name: str):
+        super().__init__(prompts)
+        self.set_name = set_name
+
+
+def _reader(name: str):
+    suffix = Path(name).suffix
+    reader = _READERS.get(suffix.lower())
+    if reader is None:
+        raise MemcoreError(f"{name}: unknown prompt file extension {suffix!r} (supported: {', '.join(_READERS)})")
+    return reader
+
+
+def parse_prompts(text: str, name: str) -> list[str]:
+    """The prompts of ``text``, read as the file ``name`` would be (by its extension)."""
+    return _reader(name)(text, name)
+
+
+def _not_found(name: str) -> MemcoreError:
+    from memcore import datasets
+
+    close = difflib.get_close_matches(name, datasets.names(), n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return MemcoreError(f"{name}: no such file, and no built-in prompt set of that name ('memcore data' lists them){hint}")
+
+
+def load_prompts(source: str | os.PathLike) -> list[str]:
+    """Return the prompts of a ``.txt``, ``.jsonl`` or ``.csv`` file, or of a built-in set, stripped, in order.
+
+    ``source`` is read as a file when that path exists, else as the name of a built-in set such as
+    ``sdv1-500`` or ``memorize_0`` (returned as :class:`BuiltinPrompts`). Raises :class:`MemcoreError`
+    for a missing, unreadable or malformed file, an unknown name, or a file with no prompts.
+    """
+    p = Path(source)
+    name = str(source)
     if p.is_dir():
         raise MemcoreError(f"{name}: is a directory, not a prompt file")
-    reader = _READERS.get(p.suffix.lower())
-    if reader is None:
-        raise MemcoreError(
-            f"{name}: unknown prompt file extension {p.suffix!r} (supported: {', '.join(_READERS)})"
-        )
-    prompts = reader(_read_text(p, name), name)
+    if p.exists():
+        reader = _reader(name)
+        prompts = reader(_read_text(p, name), name)
+    else:
+        from memcore import datasets
+
+        found = datasets.get(name)
+        if found is None:
+            raise _not_found(name)
+        prompts = BuiltinPrompts(found.prompts(), found.name)
     if not prompts:
         raise MemcoreError(f"{name}: no prompts found")
     duplicates = len(prompts) - len(set(prompts))
@@ -120,20 +160,27 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def load_subsets(paths: list[str | os.PathLike]) -> dict[str, list[str]]:
-    """Prompt subsets by name (the file stem), from prompt files or from one folder of them.
+def load_subsets(sources: list[str | os.PathLike]) -> dict[str, list[str]]:
+    """Prompt subsets by name, from prompt files, folders of them, built-in sets and ranges of these.
 
-    A folder contributes every ``.txt``, ``.jsonl`` and ``.csv`` file directly inside it, in natural
-    order (``memorize_2`` before ``memorize_10``). Two files with the same stem are refused.
+    A file is named after its stem, a built-in set after itself. A folder contributes every ``.txt``,
+    ``.jsonl`` and ``.csv`` file directly inside it, in natural order (``memorize_2`` before
+    ``memorize_10``). A range ``memorize_0..9`` stands for the built-in sets memorize_0 ... memorize_9
+    (any numbered family: ``memorize_sd2_0..9``, ``mv_prompts_0..4``). Two subsets of one name are refused.
     """
+    from memcore import datasets
     from memcore.io import files_in
 
-    files = files_in(paths, tuple(_READERS), "prompt files")
     subsets: dict[str, list[str]] = {}
-    origin: dict[str, Path] = {}
-    for file in files:
-        if file.stem in subsets:
-            raise MemcoreError(f"{file}: subset name {file.stem!r} is also the name of {origin[file.stem]}; rename one")
-        subsets[file.stem] = load_prompts(file)
-        origin[file.stem] = file
+    origin: dict[str, str] = {}
+    for source in sources:
+        if Path(source).exists():
+            items = [(f.stem, f) for f in files_in([source], tuple(_READERS), "prompt files")]
+        else:
+            items = [(n, n) for n in datasets.expand_range(str(source)) or [str(source)]]
+        for name, item in items:
+            if name in subsets:
+                raise MemcoreError(f"{item}: subset name {name!r} is also the name of {origin[name]}; rename one")
+            subsets[name] = load_prompts(item)
+            origin[name] = str(item)
     return subsets

@@ -15,6 +15,7 @@ from memcore._version import __version__
 from memcore.config import LocalizeConfig, resolve_generation
 from memcore.errors import MemcoreError
 from memcore.io import atomic_file
+from memcore.prompts import BuiltinPrompts
 
 FORMAT = "memcore.stats/1"
 
@@ -199,6 +200,8 @@ def collect_subset_stats(
         metadata = {**common, "num_prompts": len(prompts), "prompts_sha256": prompts_sha256(prompts)}
         if name:
             metadata["subset"] = name
+        if isinstance(prompts, BuiltinPrompts):
+            metadata["prompt_set"] = prompts.set_name
         result[name] = Statistics(mem=mem, null={layer: acc * len(prompts) for layer, acc in null.items()}, metadata=metadata)
     return result
 

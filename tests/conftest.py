@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # imported (diffusers imports it during collection), so it is set here, before anything else.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture

@@ -31,3 +31,18 @@ def test_subset_experiment_on_tiny(tmp_path):
     assert (out / "analysis" / "iou_heatmap.png").stat().st_size > 1000
     assert len(list((out / "masks").glob("*.safetensors"))) == 5
     assert (out / "pictures" / "grid.png").is_file()
+
+
+def test_subset_experiment_defaults_are_built_in_sets():
+    import importlib.util
+
+    import memcore
+
+    spec = importlib.util.spec_from_file_location("subset_experiment", ROOT / "examples" / "subset_experiment.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    subsets = memcore.load_subsets(example.DEFAULT_SUBSETS)
+    assert list(subsets) == [f"memorize_{i}" for i in range(10)]
+    controls = example.control_subsets(subsets, example.DEFAULT_CONTROL)
+    assert len(controls) == 10 and all(len(p) == 10 for p in controls.values())
+    assert not {p for ps in controls.values() for p in ps} & {p for ps in subsets.values() for p in ps}

@@ -1,9 +1,7 @@
-"""Tests for memcore.prompts.load_prompts: the real prompt lists in shared/data, and small tmp files."""
+"""Tests for memcore.prompts.load_prompts on small tmp files (the built-in sets: tests/test_data.py)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 from pathlib import Path
@@ -13,75 +11,10 @@ import pytest
 from memcore.errors import MemcoreError
 from memcore.prompts import load_prompts
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared prompt data not found at {DATA}")
-
 
 def _write(path: Path, text: str) -> Path:
     path.write_bytes(text.encode("utf-8"))
     return path
-
-
-def _raw_lines(path: Path) -> list[str]:
-    return path.read_text(encoding="utf-8").split("\n")
-
-
-# ---------------------------------------------------------------- real data
-
-
-@needs_data
-@pytest.mark.parametrize(
-    "rel, count",
-    [
-        ("memorized/sdv1_500_memorized.jsonl", 500),
-        ("memorized/sdv1_500_labeled_vm_tm.csv", 500),
-        ("memorized/subsets/memorize_0.txt", 10),
-        ("memorized/sd1_mem345.txt", 345),
-        ("memorized/membench/SD1_final.csv", 3000),
-        ("non_memorized/coco2014_val_10000.csv", 10000),
-        ("non_memorized/laion_unmemorized_500.csv", 500),
-    ],
-)
-def test_real_file_counts(rel: str, count: int) -> None:
-    prompts = load_prompts(DATA / rel)
-    assert len(prompts) == count
-    assert all(p and p == p.strip() for p in prompts)
-
-
-@needs_data
-def test_coco_prompts_skips_blank_lines() -> None:
-    path = DATA / "non_memorized/coco_prompts.txt"
-    raw = _raw_lines(path)
-    nonblank = [line.strip() for line in raw if line.strip()]
-    assert len(nonblank) < len(raw)  # the file does have blank lines
-    assert len(nonblank) == 480
-    assert load_prompts(path) == nonblank
-
-
-@needs_data
-def test_real_first_and_last_prompts() -> None:
-    jsonl = DATA / "memorized/sdv1_500_memorized.jsonl"
-    rows = [json.loads(line) for line in _raw_lines(jsonl) if line.strip()]
-    prompts = load_prompts(jsonl)
-    assert prompts[0] == rows[0]["caption"].strip() == "The No Limits Business Woman Podcast"
-    assert prompts[-1] == rows[-1]["caption"].strip()
-
-    # The labelled CSV has the same 500 prompts in the same order as the jsonl.
-    assert load_prompts(DATA / "memorized/sdv1_500_labeled_vm_tm.csv") == prompts
-
-    txt = DATA / "memorized/sd1_mem345.txt"
-    lines = [line for line in _raw_lines(txt) if line.strip()]
-    prompts = load_prompts(txt)
-    assert prompts[0] == lines[0].strip() == "The No Limits Business Woman Podcast"
-    assert prompts[-1] == lines[-1].strip()
-
-    membench = DATA / "memorized/membench/SD1_final.csv"
-    with open(membench, encoding="utf-8", newline="") as f:
-        rows = list(csv.DictReader(f))
-    prompts = load_prompts(membench)
-    assert prompts[0] == rows[0]["prompt"] == "fire us army garden flag single"
-    assert prompts[-1] == rows[-1]["prompt"]
-    assert prompts == [r["prompt"].strip() for r in rows]
 
 
 # ---------------------------------------------------------------- txt

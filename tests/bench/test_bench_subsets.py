@@ -1,16 +1,14 @@
 """Benchmark of ``localize --subsets``: one run for every subset against one run per subset.
 
 The tiny model (CPU, float32, 128 px, tau 10, batch 8) localizes the paper's subsets memorize_0..3
-(10 prompts each, 40 distinct). One run generates each distinct prompt once and the empty
-prompt once; separate runs generate every subset's prompts and the empty prompt per subset.
+(built-in sets, 10 prompts each, 40 distinct). One run generates each distinct prompt once and the
+empty prompt once; separate runs generate every subset's prompts and the empty prompt per subset.
 ``speedup`` is the separate runs' median over the single run's.
 
     pytest tests/bench/test_bench_subsets.py --benchmark-only
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +21,6 @@ from memcore.localize import localize, localize_subsets  # noqa: E402
 from memcore.models import load_pipeline  # noqa: E402
 from memcore.prompts import load_subsets  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "memorized" / "subsets"
-FILES = [DATA / f"memorize_{i}.txt" for i in range(4)]
 CONFIG = LocalizeConfig(timesteps=10, batch_size=8, progress=False)
 GROUP = "subsets: tiny model, memorize_0..3, tau 10, 128 px, batch 8"
 _medians: dict[str, float] = {}
@@ -32,9 +28,7 @@ _medians: dict[str, float] = {}
 
 @pytest.fixture(scope="module")
 def setup():
-    if not all(f.is_file() for f in FILES):
-        pytest.skip(f"prompt subsets not found under {DATA}")
-    return load_pipeline("tiny", device="cpu"), load_subsets(FILES)
+    return load_pipeline("tiny", device="cpu"), load_subsets(["memorize_0..3"])
 
 
 def _info(benchmark, subsets, mode: str) -> None:
