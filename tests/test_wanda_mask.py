@@ -355,13 +355,17 @@ def test_cpu_native_argument_errors():
     ext = extension()
     weight, norms = torch.randn(4, 9), torch.rand(2, 9)
     mask = torch.empty(4, 2, dtype=torch.uint8)
-    args = [weight.data_ptr(), "float32", 4, 9, norms.data_ptr(), 0, 2, 3, True, mask.data_ptr()]
+    flags = torch.zeros(1, dtype=torch.int32)
+    args = [weight.data_ptr(), "float32", 4, 9, norms.data_ptr(), 0, 2, 3, True, mask.data_ptr(), flags.data_ptr()]
     ext.wanda_mask_cpu(*args)
     assert torch.equal(mask, wanda_mask_reference(weight, norms, None, 3))
+    assert flags.item() == 0
     with pytest.raises(ValueError, match="k=10"):
         ext.wanda_mask_cpu(*args[:7], 10, *args[8:])
     with pytest.raises(ValueError, match="dtype"):
         ext.wanda_mask_cpu(args[0], "int8", *args[2:])
+    with pytest.raises(ValueError, match="null pointer"):
+        ext.wanda_mask_cpu(*args[:10], 0)
 
 
 # --- validation --------------------------------------------------------------------------------
