@@ -182,7 +182,8 @@ Plan make_plan(Dtype dtype, int64_t rows, int64_t inner, int64_t n, bool token_n
                               smem_fallback_forced());
   if (n == 0) return plan;  // GEGLU only
   if (plan.smem.variant == 0) {
-    if (plan.smem.opt_in) allow_dynamic_smem(kernel, device, plan.smem.dynamic_bytes, kOp);
+    // raised for any dynamic size, not only when opt_in says it must be (csrc/cuda_device.h)
+    allow_dynamic_smem(kernel, device, plan.smem.dynamic_bytes, kOp);
     const int64_t per_sm = blocks_per_sm(kernel, plan.smem.dynamic_bytes, kOp);
     plan.grid = std::min<int64_t>(rows, static_cast<int64_t>(info.sms) * per_sm);
     plan.slots = std::min(plan.grid, n);

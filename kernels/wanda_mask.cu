@@ -231,7 +231,8 @@ const void* kernel_ptr() {
 template <typename T, bool kRowInSmem>
 void launch(const void* w, int64_t out, int64_t in, const float* norms, const float* null, int64_t T_, int64_t k,
             bool largest, uint8_t* mask, int32_t* flags, const SmemPlan& plan, int device, cudaStream_t stream) {
-  if (plan.opt_in) allow_dynamic_smem(kernel_ptr<T, kRowInSmem>(), device, plan.dynamic_bytes, kOp);
+  // raised for any dynamic size, not only when opt_in says it must be (csrc/cuda_device.h)
+  allow_dynamic_smem(kernel_ptr<T, kRowInSmem>(), device, plan.dynamic_bytes, kOp);
   wanda_mask_kernel<T, kRowInSmem><<<static_cast<unsigned>(out), kThreads, plan.dynamic_bytes, stream>>>(
       static_cast<const T*>(w), in, norms, null, T_, static_cast<uint32_t>(k), largest ? 0u : 0xffffffffu, mask,
       flags);
