@@ -5,7 +5,8 @@
 // in float32 (float64 for float64 input), rounding to P's dtype where eager PyTorch does (diffusers'
 // GEGLU is `h * F.gelu(g)` in P's dtype; both roundings are no-ops in float32), for every row; then
 // adds the statistic of the ROUNDED out (what the next layer reads) over rows [row_start, row_end):
-//   acc[j] += sum_r x[r, j]^2 * inv[r],  inv[r] = 1 / sum_j x[r, j]^2 (token_norm; 0 for a zero row) or 1.
+//   acc[j] += sum_r x[r, j]^2 * inv[r],  inv[r] = 1 / sum_j x[r, j]^2 (token_norm) or 1,
+// where with token_norm a row whose sum of squares is 0, inf or NaN adds nothing (csrc/row_norm.h).
 // One pass over P: a row is computed into a double buffer, stored, and its statistic taken from the
 // buffer. Deterministic whatever the thread count, as csrc/sqnorm_accumulate_cpu.cpp: the statistic
 // rows are cut into a partition that depends only on the shape, each chunk sums its rows in order into
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "memcore.h"
+#include "row_norm.h"
 
 namespace memcore {
 namespace {
@@ -189,12 +191,12 @@ void run(const T* p, int64_t rows, int64_t inner, int64_t row_start, int64_t row
       for (int64_t i = c * chunk_rows; i < r1; ++i) {
         const int64_t r = row_start + i;
         geglu_row<T, true>(p + r * 2 * inner, out + r * inner, inner, x);
-        double w = 1.0;
-        if (token_norm) {
-          const double total = row_sumsq(x, inner);
-          w = total > 0.0 ? 1.0 / total : 0.0;
-        }
-        for (int64_t j = 0; j < inner; ++j) sum[j] += x[j] * x[j] * w;
+        const double w = token_norm ? row_weight(row_sumsq(x, inner)) : 1.0;
+        if (w > 0.0) {
+          for (int64_t j = 0; j < inner; ++j) sum[j] += x[j] * x[j] * w;
+        } else if (w < 0.0) {  // float64 rows of tiny values (row_norm.h)
+          for (int64_t j = 0; j < inner; ++j) sum[j] += weighted_square(x[j], w);
+        }  // w == 0: the row adds nothing
       }
     }
   }

@@ -1,9 +1,11 @@
 // sqnorm_accumulate, CPU backend (C++17, OpenMP).
 //
 // acc[j] += sum_r x[r, j]^2 * inv[r] over rows r in [row_start, row_end), inv[r] = 1/||x[r]||^2
-// (token_norm; 0 for a zero row) or 1. Deterministic whatever the thread count: every partial sum
-// is taken in a fixed order over a fixed partition that depends only on the shape.
-//   1. inv[r]: parallel over rows, each row summed in order (4 fixed interleaved lanes).
+// (token_norm) or 1; with token_norm a row whose sum of squares is 0, inf or NaN adds nothing
+// (csrc/row_norm.h). Squares and sums are double: float32 rows near 3e38 do not overflow, float32
+// subnormal rows still count. Deterministic whatever the thread count: every partial sum is taken in
+// a fixed order over a fixed partition that depends only on the shape.
+//   1. inv[r] = row_weight(total): parallel over rows, each row summed in order (4 fixed lanes).
 //   2. partial[c, j]: the input is cut into at most kMaxChunks row chunks and kColBlock-wide column
 //      blocks; each (chunk, block) tile sums its rows in row order into doubles.
 //   3. acc[j] += float(sum_c partial[c, j]), chunks added in order.
@@ -19,6 +21,7 @@
 #endif
 
 #include "memcore.h"
+#include "row_norm.h"
 
 namespace memcore {
 namespace {
@@ -61,8 +64,7 @@ void run(const T* x, int64_t cols, int64_t row_start, int64_t row_end, float* ac
         const double a = load(row, j);
         s0 += a * a;
       }
-      const double total = (s0 + s1) + (s2 + s3);
-      inv[static_cast<size_t>(r)] = total > 0.0 ? 1.0 / total : 0.0;
+      inv[static_cast<size_t>(r)] = row_weight((s0 + s1) + (s2 + s3));
     }
   }
 
@@ -82,10 +84,14 @@ void run(const T* x, int64_t cols, int64_t row_start, int64_t row_end, float* ac
       for (int64_t r = r0; r < r1; ++r) {
         const T* row = base + r * cols + j0;
         const double w = inv[static_cast<size_t>(r)];
-        for (int64_t j = 0; j < width; ++j) {
-          const double v = load(row, j);
-          sum[j] += v * v * w;
-        }
+        if (w > 0.0) {
+          for (int64_t j = 0; j < width; ++j) {
+            const double v = load(row, j);
+            sum[j] += v * v * w;
+          }
+        } else if (w < 0.0) {  // float64 rows of tiny values (row_norm.h)
+          for (int64_t j = 0; j < width; ++j) sum[j] += weighted_square(load(row, j), w);
+        }  // w == 0: the row adds nothing
       }
       std::copy(sum, sum + width, partial.begin() + c * cols + j0);
     }

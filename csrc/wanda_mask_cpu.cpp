@@ -6,6 +6,8 @@
 //   M    = top AND S[j] > |W[r, j]| * null[t, j]  (only with null norms)
 //   mask[r] |= M
 // A row of |W| is converted to float once; no score matrix is materialized.
+// Flags (memcore.h): W is checked for NaN and inf in the loop that converts its row (for every k);
+// the norms and null norms, [T, in] each, in one pass before the rows.
 //
 // Selection works on integer keys: key(S) is a signed int32 whose order is the float order of S
 // (-0.0 and +0.0 map to the same key, as they compare equal), bit-flipped for largest=False, so
@@ -20,6 +22,7 @@
 // Measured (2 shared cores, 1280 x 5120, T = 10, k = 51): 450 ms with a k-heap scan, 70 ms one
 // thread with the bound; the 16 SD 1.5 layers at T = 10 run about 20x faster than the reference.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -52,6 +55,20 @@ inline float load_float(const float* p, int64_t i) { return p[i]; }
 inline float load_float(const double* p, int64_t i) { return static_cast<float>(p[i]); }  // as weight.to(float32)
 inline float load_float(const Half* p, int64_t i) { return convert::half_to_float(p[i].bits); }
 inline float load_float(const BFloat16* p, int64_t i) { return convert::bfloat16_to_float(p[i].bits); }
+
+// 1 where the stored value is not finite: float64 before its rounding to float32 (a float64 weight
+// of 1e300 is finite; its float32 score is not, as in the reference), the others after their exact
+// conversion. Written as a compare on the value so that the row loop still vectorizes.
+inline int32_t nonfinite(const float*, int64_t, float a) { return !(a <= FLT_MAX); }
+inline int32_t nonfinite(const double* p, int64_t i, float) { return !(std::fabs(p[i]) <= DBL_MAX); }
+inline int32_t nonfinite(const Half*, int64_t, float a) { return !(a <= FLT_MAX); }
+inline int32_t nonfinite(const BFloat16*, int64_t, float a) { return !(a <= FLT_MAX); }
+
+int32_t nonfinite_any(const float* v, int64_t count) {
+  int32_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) bad |= !(std::fabs(v[i]) <= FLT_MAX);
+  return bad;
+}
 
 // Order-preserving int32 key of a float (not NaN): -0.0 and +0.0 both map to 0.
 inline int32_t order_key(float s) {
@@ -150,12 +167,16 @@ void select_columns(const float* a, const float* nm, int32_t flip, int64_t n, in
 
 template <typename T>
 void run(const T* w, int64_t out, int64_t in, const float* norms, const float* null, int64_t T_, int64_t k,
-         bool largest, uint8_t* mask) {
+         bool largest, uint8_t* mask, int32_t* flags) {
   const int64_t nbytes = (in + 7) / 8;
   const int32_t flip = largest ? 0 : -1;  // ~key reverses the order: the k smallest become the k largest
-  const bool parallel = k > 0 && out * in * T_ >= kParallelMin;
+  const bool parallel = out * in * (k > 0 ? T_ : 1) >= kParallelMin;  // k = 0: the flag check alone
 
-#pragma omp parallel if (parallel)
+  int32_t bad = nonfinite_any(norms, T_ * in) ? kBadNorms : 0;
+  if (null != nullptr && nonfinite_any(null, T_ * in)) bad |= kBadNullNorms;
+  int32_t bad_weight = 0;
+
+#pragma omp parallel if (parallel) reduction(| : bad_weight)
   {
     Scratch s;
     s.abs_w.resize(static_cast<size_t>(in));
@@ -169,11 +190,14 @@ void run(const T* w, int64_t out, int64_t in, const float* norms, const float* n
     for (int64_t r = 0; r < out; ++r) {
       uint8_t* row_mask = mask + r * nbytes;
       std::memset(row_mask, 0, static_cast<size_t>(nbytes));
-      if (k == 0) continue;
       const T* row = w + r * in;
+      int32_t row_bad = 0;
       for (int64_t j = 0; j < in; ++j) {
         a[j] = std::fabs(load_float(row, j));  // clears the sign bit: |-0.0| = +0.0, as torch's abs
+        row_bad |= nonfinite(row, j, a[j]);
       }
+      bad_weight |= row_bad;
+      if (k == 0) continue;
       for (int64_t t = 0; t < T_; ++t) {
         const float* nm = norms + t * in;
         const float* nn = null == nullptr ? nullptr : null + t * in;
@@ -191,12 +215,14 @@ void run(const T* w, int64_t out, int64_t in, const float* norms, const float* n
       }
     }
   }
+  if (bad_weight) bad |= kBadWeight;
+  *flags |= bad;
 }
 
 }  // namespace
 
 void wanda_mask_cpu(const void* w, Dtype dtype, int64_t out, int64_t in, const float* norms, const float* null,
-                    int64_t T, int64_t k, bool largest, uint8_t* mask) {
+                    int64_t T, int64_t k, bool largest, uint8_t* mask, int32_t* flags) {
   if (out < 0 || in < 0 || T < 1) {
     throw std::invalid_argument("wanda_mask_cpu: bad shape: out=" + std::to_string(out) + ", in=" +
                                 std::to_string(in) + ", T=" + std::to_string(T));
@@ -206,16 +232,18 @@ void wanda_mask_cpu(const void* w, Dtype dtype, int64_t out, int64_t in, const f
     throw std::invalid_argument("wanda_mask_cpu: k=" + std::to_string(k) + " outside [0, " + std::to_string(in) + "]");
   }
   if (out == 0 || in == 0) return;
-  if (w == nullptr || norms == nullptr || mask == nullptr) throw std::invalid_argument("wanda_mask_cpu: null pointer");
+  if (w == nullptr || norms == nullptr || mask == nullptr || flags == nullptr) {
+    throw std::invalid_argument("wanda_mask_cpu: null pointer");
+  }
   switch (dtype) {
     case Dtype::Float32:
-      return run(static_cast<const float*>(w), out, in, norms, null, T, k, largest, mask);
+      return run(static_cast<const float*>(w), out, in, norms, null, T, k, largest, mask, flags);
     case Dtype::Float64:
-      return run(static_cast<const double*>(w), out, in, norms, null, T, k, largest, mask);
+      return run(static_cast<const double*>(w), out, in, norms, null, T, k, largest, mask, flags);
     case Dtype::Float16:
-      return run(static_cast<const Half*>(w), out, in, norms, null, T, k, largest, mask);
+      return run(static_cast<const Half*>(w), out, in, norms, null, T, k, largest, mask, flags);
     case Dtype::BFloat16:
-      return run(static_cast<const BFloat16*>(w), out, in, norms, null, T, k, largest, mask);
+      return run(static_cast<const BFloat16*>(w), out, in, norms, null, T, k, largest, mask, flags);
   }
   throw std::invalid_argument("wanda_mask_cpu: bad dtype");
 }

@@ -18,6 +18,13 @@
 //      taken whole). The null condition is applied, and a warp ballot ORs 32 columns at a time into
 //      the row's bitmask word (warp w of chunk c owns word 8c + w: no atomics).
 //   4. The row's packed bytes are written once (padding bits are zero: columns >= in never vote).
+// Non-finite inputs set bits of the int32 flag word (kBadWeight, kBadNorms, kBadNullNorms) with
+// atomicOr (an integer OR: the result does not depend on the order): W while its row is first read
+// (step 1, or the first pass of step 2 when the row stays in global memory), the norms and null
+// norms in slices, block r reading elements r * kThreads + tid + i * out * kThreads (each element
+// once over the grid; the null norms are otherwise read only where a column is selected).
+// Shared memory: the row of |W| is kept only when the plan of csrc/launch_plan.cpp says the launch
+// fits (static + dynamic shared memory against the device's opt-in limit).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -26,22 +33,38 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda_device.h"
 #include "memcore.h"
 
 namespace memcore {
+namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;  // one thread per histogram bin in the bin search
-constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 256;
 static_assert(kThreads == kBins, "one histogram bin per thread");
-constexpr int kStaticSmem = 4096;  // generous bound on the kernel's static shared memory
-constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr const char* kOp = "wanda_mask_cuda";
 
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(double v) { return __double2float_rn(v); }  // weight.to(float32)
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Whether a stored weight is finite: float64 is checked before its rounding to float32 (as the op's
+// flag word is defined on the weight itself); the other types convert exactly.
+__device__ __forceinline__ bool finite_weight(float v) { return isfinite(v); }
+__device__ __forceinline__ bool finite_weight(double v) { return isfinite(v); }
+__device__ __forceinline__ bool finite_weight(__half v) { return isfinite(__half2float(v)); }
+__device__ __forceinline__ bool finite_weight(__nv_bfloat16 v) { return isfinite(__bfloat162float(v)); }
+
+// Flag bits for the elements of a [T_ * in] float array this block checks (a slice; see the header).
+__device__ __forceinline__ int32_t check_slice(const float* __restrict__ v, int64_t count, int32_t bit) {
+  int32_t bad = 0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < count; i += stride) {
+    if (!isfinite(__ldg(v + i))) bad = bit;
+  }
+  return bad;
+}
 
 // Unsigned key with the order of the float s (not NaN); -0.0 and +0.0 share the key of +0.0.
 __device__ __forceinline__ uint32_t order_key(float s, uint32_t flip) {
@@ -70,7 +93,7 @@ template <typename T, bool kRowInSmem>
 __global__ void __launch_bounds__(kThreads)
     wanda_mask_kernel(const T* __restrict__ w, int64_t in, const float* __restrict__ norms,
                       const float* __restrict__ null, int64_t T_, uint32_t k, uint32_t flip,
-                      uint8_t* __restrict__ mask) {
+                      uint8_t* __restrict__ mask, int32_t* __restrict__ flags) {
   extern __shared__ uint32_t smem[];
   const int64_t words = (in + 31) / 32;
   uint32_t* row_bits = smem;                                          // [words]
@@ -87,10 +110,22 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r = blockIdx.x;
   const T* w_row = w + r * in;
 
+  // 1. clear the bits, load |W| (checking W) and check this block's slices of the norms
+  int32_t bad = check_slice(norms, T_ * in, kBadNorms);
+  if (null != nullptr) bad |= check_slice(null, T_ * in, kBadNullNorms);
   for (int64_t i = tid; i < words; i += kThreads) row_bits[i] = 0u;
   if (kRowInSmem) {
-    for (int64_t j = tid; j < in; j += kThreads) abs_row[j] = fabsf(to_float(w_row[j]));
+    for (int64_t j = tid; j < in; j += kThreads) {
+      const T v = w_row[j];
+      if (!finite_weight(v)) bad |= kBadWeight;
+      abs_row[j] = fabsf(to_float(v));
+    }
+  } else if (k == 0u) {  // no selection pass reads the row: check it here
+    for (int64_t j = tid; j < in; j += kThreads) {
+      if (!finite_weight(w_row[j])) bad |= kBadWeight;
+    }
   }
+  if (tid == 0) found_digit = found_rem = found_count = 0u;
   __syncthreads();
 
   auto abs_w = [&](int64_t j) -> float {
@@ -98,7 +133,7 @@ __global__ void __launch_bounds__(kThreads)
     return fabsf(to_float(w_row[j]));
   };
 
-  for (int64_t t = 0; t < T_; ++t) {
+  for (int64_t t = 0; k > 0u && t < T_; ++t) {
     const float* nm = norms + t * in;
 
     // 2. radix select of the k-th largest key
@@ -110,6 +145,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t j = base + tid;
         uint32_t digit = kBins;  // no bin: out of range or off the prefix
         if (j < in) {
+          if (!kRowInSmem && t == 0 && shift == 24 && !finite_weight(w_row[j])) bad |= kBadWeight;
           const uint32_t key = order_key(__fmul_rn(abs_w(j), __ldg(nm + j)), flip);
           if ((key & prefix_mask) == prefix) digit = (key >> shift) & 0xffu;
         }
@@ -181,46 +217,62 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = tid; c < nbytes; c += kThreads) {
     out_row[c] = static_cast<uint8_t>(row_bits[c >> 2] >> (8 * (c & 3)));
   }
+
+  // 5. flags: one integer atomicOr per warp that saw a non-finite value
+  bad = __reduce_or_sync(0xffffffffu, bad);
+  if (lane == 0 && bad != 0) atomicOr(flags, bad);
 }
 
 template <typename T, bool kRowInSmem>
-void launch(const void* w, int64_t out, int64_t in, const float* norms, const float* null, int64_t T_,
-            int64_t k, bool largest, uint8_t* mask, size_t smem, cudaStream_t stream) {
-  auto kernel = wanda_mask_kernel<T, kRowInSmem>;
-  if (smem > kDefaultSmem) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) {
-      throw std::runtime_error(std::string("wanda_mask_cuda: cannot reserve shared memory: ") + cudaGetErrorString(err));
-    }
-  }
-  kernel<<<static_cast<unsigned>(out), kThreads, smem, stream>>>(static_cast<const T*>(w), in, norms, null, T_,
-                                                                static_cast<uint32_t>(k), largest ? 0u : 0xffffffffu,
-                                                                mask);
+const void* kernel_ptr() {
+  return reinterpret_cast<const void*>(wanda_mask_kernel<T, kRowInSmem>);
+}
+
+template <typename T, bool kRowInSmem>
+void launch(const void* w, int64_t out, int64_t in, const float* norms, const float* null, int64_t T_, int64_t k,
+            bool largest, uint8_t* mask, int32_t* flags, const SmemPlan& plan, int device, cudaStream_t stream) {
+  // raised for any dynamic size, not only when opt_in says it must be (csrc/cuda_device.h)
+  allow_dynamic_smem(kernel_ptr<T, kRowInSmem>(), device, plan.dynamic_bytes, kOp);
+  wanda_mask_kernel<T, kRowInSmem><<<static_cast<unsigned>(out), kThreads, plan.dynamic_bytes, stream>>>(
+      static_cast<const T*>(w), in, norms, null, T_, static_cast<uint32_t>(k), largest ? 0u : 0xffffffffu, mask,
+      flags);
+  check(cudaGetLastError(), kOp, "kernel launch");
 }
 
 template <typename T>
 void dispatch(const void* w, int64_t out, int64_t in, const float* norms, const float* null, int64_t T_, int64_t k,
-              bool largest, uint8_t* mask, cudaStream_t stream) {
-  int device = 0, optin = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const size_t limit = optin > kStaticSmem ? static_cast<size_t>(optin - kStaticSmem) : kDefaultSmem - kStaticSmem;
-  const size_t bits_bytes = static_cast<size_t>((in + 31) / 32 + 3) / 4 * 16;
-  const size_t row_bytes = static_cast<size_t>(in) * sizeof(float);
-  if (bits_bytes + row_bytes <= limit) {
-    launch<T, true>(w, out, in, norms, null, T_, k, largest, mask, bits_bytes + row_bytes, stream);
-  } else if (bits_bytes <= limit) {
-    launch<T, false>(w, out, in, norms, null, T_, k, largest, mask, bits_bytes, stream);
+              bool largest, uint8_t* mask, int32_t* flags, cudaStream_t stream) {
+  const int device = current_device(kOp);
+  const SmemPlan plan = plan_wanda_smem(in, static_smem(kernel_ptr<T, true>(), device),
+                                        static_smem(kernel_ptr<T, false>(), device), device_info(device).optin_smem,
+                                        smem_fallback_forced());
+  if (plan.variant == 0) {
+    launch<T, true>(w, out, in, norms, null, T_, k, largest, mask, flags, plan, device, stream);
+  } else if (plan.variant == 1) {
+    launch<T, false>(w, out, in, norms, null, T_, k, largest, mask, flags, plan, device, stream);
   } else {
-    throw std::invalid_argument("wanda_mask_cuda: in_features=" + std::to_string(in) + " is too large");
+    throw std::invalid_argument(std::string(kOp) + ": in_features=" + std::to_string(in) + " is too large");
   }
 }
 
 }  // namespace
 
+void wanda_static_smem_report(int device, std::vector<std::pair<std::string, int64_t>>& out) {
+  out.emplace_back("wanda_mask<float32,row>", static_smem(kernel_ptr<float, true>(), device));
+  out.emplace_back("wanda_mask<float32,bits>", static_smem(kernel_ptr<float, false>(), device));
+  out.emplace_back("wanda_mask<float64,row>", static_smem(kernel_ptr<double, true>(), device));
+  out.emplace_back("wanda_mask<float64,bits>", static_smem(kernel_ptr<double, false>(), device));
+  out.emplace_back("wanda_mask<float16,row>", static_smem(kernel_ptr<__half, true>(), device));
+  out.emplace_back("wanda_mask<float16,bits>", static_smem(kernel_ptr<__half, false>(), device));
+  out.emplace_back("wanda_mask<bfloat16,row>", static_smem(kernel_ptr<__nv_bfloat16, true>(), device));
+  out.emplace_back("wanda_mask<bfloat16,bits>", static_smem(kernel_ptr<__nv_bfloat16, false>(), device));
+}
+
+}  // namespace cuda
+
 void wanda_mask_cuda(const void* w, Dtype dtype, int64_t out, int64_t in, const float* norms, const float* null,
-                     int64_t T, int64_t k, bool largest, uint8_t* mask, std::uintptr_t stream) {
+                     int64_t T, int64_t k, bool largest, uint8_t* mask, int32_t* flags, std::uintptr_t stream) {
+  using namespace cuda;
   if (out < 0 || in < 0 || T < 1) {
     throw std::invalid_argument("wanda_mask_cuda: bad shape: out=" + std::to_string(out) + ", in=" +
                                 std::to_string(in) + ", T=" + std::to_string(T));
@@ -230,25 +282,17 @@ void wanda_mask_cuda(const void* w, Dtype dtype, int64_t out, int64_t in, const 
     throw std::invalid_argument("wanda_mask_cuda: k=" + std::to_string(k) + " outside [0, " + std::to_string(in) + "]");
   }
   if (out == 0 || in == 0) return;
-  if (w == nullptr || norms == nullptr || mask == nullptr) throw std::invalid_argument("wanda_mask_cuda: null pointer");
-
+  if (w == nullptr || norms == nullptr || mask == nullptr || flags == nullptr) {
+    throw std::invalid_argument("wanda_mask_cuda: null pointer");
+  }
   const auto s = reinterpret_cast<cudaStream_t>(stream);
-  cudaError_t err = cudaSuccess;
-  if (k == 0) {
-    err = cudaMemsetAsync(mask, 0, static_cast<size_t>(out * ((in + 7) / 8)), s);
-  } else {
-    switch (dtype) {
-      case Dtype::Float32: dispatch<float>(w, out, in, norms, null, T, k, largest, mask, s); break;
-      case Dtype::Float64: dispatch<double>(w, out, in, norms, null, T, k, largest, mask, s); break;
-      case Dtype::Float16: dispatch<__half>(w, out, in, norms, null, T, k, largest, mask, s); break;
-      case Dtype::BFloat16: dispatch<__nv_bfloat16>(w, out, in, norms, null, T, k, largest, mask, s); break;
-      default: throw std::invalid_argument("wanda_mask_cuda: bad dtype");
-    }
-    err = cudaGetLastError();
+  switch (dtype) {
+    case Dtype::Float32: return dispatch<float>(w, out, in, norms, null, T, k, largest, mask, flags, s);
+    case Dtype::Float64: return dispatch<double>(w, out, in, norms, null, T, k, largest, mask, flags, s);
+    case Dtype::Float16: return dispatch<__half>(w, out, in, norms, null, T, k, largest, mask, flags, s);
+    case Dtype::BFloat16: return dispatch<__nv_bfloat16>(w, out, in, norms, null, T, k, largest, mask, flags, s);
   }
-  if (err != cudaSuccess) {
-    throw std::runtime_error(std::string("wanda_mask_cuda: kernel launch failed: ") + cudaGetErrorString(err));
-  }
+  throw std::invalid_argument("wanda_mask_cuda: bad dtype");
 }
 
 }  // namespace memcore

@@ -493,7 +493,7 @@ def cmd_env(args) -> None:
     import torch
 
     from memcore.ops import BACKENDS, forced_backend
-    from memcore.ops._ext import extension, extension_error
+    from memcore.ops._ext import cuda_backend_status, extension, extension_error
 
     ext = extension()
     info = {
@@ -506,11 +506,7 @@ def cmd_env(args) -> None:
         "backends": {
             "reference": "available",
             "cpu": f"available ({ext.openmp_threads()} OpenMP threads)" if ext is not None else "missing (no extension)",
-            "cuda": (
-                "compiled" + ("" if torch.cuda.is_available() else " (no GPU here)")
-                if ext is not None and ext.compiled_with_cuda()
-                else "not compiled"
-            ),
+            "cuda": cuda_backend_status(),
             "triton": _triton_status(),
         },
         "forced_backend": forced_backend(),

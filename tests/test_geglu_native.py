@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memcore.ops._ext import extension
-from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES
+from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES, sqnorm_accumulate_reference
 
 pytestmark = pytest.mark.skipif(
     extension() is None, reason="memcore._C is not built (pip install -e . builds it)"
@@ -57,11 +57,10 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def stat_reference(out: torch.Tensor, acc0: torch.Tensor, row_start: int, row_end: int, token_norm: bool):
-    x = out[row_start:row_end].to(torch.float64).square()
-    if token_norm:
-        total = x.sum(dim=1, keepdim=True)
-        x = torch.where(total > 0, x / total, torch.zeros((), dtype=x.dtype))
-    return acc0 + x.sum(dim=0).to(torch.float32)
+    """The statistic of the kernel's own (rounded) out: the op's float64 reference."""
+    acc = acc0.clone()
+    sqnorm_accumulate_reference(out, acc, row_start, row_end, token_norm)
+    return acc
 
 
 def assert_out_close(out: torch.Tensor, p: torch.Tensor) -> None:
@@ -139,6 +138,52 @@ def test_zero_rows_add_nothing(dtype):
     acc = torch.zeros(77)
     native(p, acc, 5, 7, True)
     assert not acc.any()
+
+
+# h values of special output rows (g = 2, gelu(2) = 1.95): out = h * gelu(g) holds them, rounded
+SPECIAL_H = {
+    "zeros": 0.0,
+    "inf": float("inf"),
+    "neg_inf": float("-inf"),
+    "nan": float("nan"),
+    "huge_1e25": 1e25,
+    "huge_1.5e38": 1.5e38,
+    "huge_1e200": 1e200,
+    "tiny_1e-30": 1e-30,
+    "float32_subnormal": 1e-41,
+    "float64_square_subnormal": 1e-160,
+    "float16_subnormal": 1e-6,
+}
+
+
+@pytest.mark.parametrize("token_norm", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: NATIVE_DTYPES[d])
+@pytest.mark.parametrize("inner", [3, 77, 300])
+def test_special_rows_match_reference(inner, dtype, token_norm):
+    """Rows of out that are zero, hold an inf or a NaN (whole rows and single entries), huge or tiny."""
+    gen = torch.Generator().manual_seed(inner)
+    rows = []
+    for value in SPECIAL_H.values():
+        rows.append(torch.randn(2 * inner, generator=gen, dtype=torch.float64))
+        whole = torch.randn(2 * inner, generator=gen, dtype=torch.float64)
+        whole[:inner] = value * (1 + 0.1 * torch.rand(inner, generator=gen, dtype=torch.float64))
+        whole[inner:] = 2.0
+        rows.append(whole)
+        single = torch.randn(2 * inner, generator=gen, dtype=torch.float64)
+        single[inner // 2] = value
+        rows.append(single)
+    p = torch.stack(rows).to(dtype)
+    acc0 = torch.rand(inner, generator=gen)
+    acc = acc0.clone()
+    out = native(p, acc, 0, p.shape[0], token_norm)
+    want = stat_reference(out, acc0, 0, p.shape[0], token_norm)
+    torch.testing.assert_close(acc, want, rtol=4 * EPS32, atol=0, equal_nan=not token_norm)
+    if token_norm:
+        totals = out.double().square().sum(dim=1)
+        counted = int(((totals > 0) & torch.isfinite(totals)).sum())
+        assert counted < p.shape[0]  # some rows are skipped
+        assert torch.isfinite(acc).all()
+        assert float((acc - acc0).double().sum()) == pytest.approx(counted, rel=1e-5)
 
 
 def test_special_gate_values():

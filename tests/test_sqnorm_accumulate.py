@@ -86,6 +86,71 @@ def test_zero_rows_add_nothing(dtype):
     assert torch.equal(only_zero, torch.zeros(40))
 
 
+# rows the statistic must survive: (name, builder(cols, generator) -> float64 row)
+SPECIAL_ROWS = {
+    "zeros": lambda n, g: torch.zeros(n, dtype=torch.float64),
+    "one_inf": lambda n, g: _with(torch.randn(n, generator=g, dtype=torch.float64), 3, float("inf")),
+    "one_neg_inf": lambda n, g: _with(torch.randn(n, generator=g, dtype=torch.float64), 0, float("-inf")),
+    "inf_and_neg_inf": lambda n, g: _with(_with(torch.zeros(n, dtype=torch.float64), 1, float("inf")), 2, float("-inf")),
+    "one_nan": lambda n, g: _with(torch.randn(n, generator=g, dtype=torch.float64), n - 1, float("nan")),
+    "all_nan": lambda n, g: torch.full((n,), float("nan"), dtype=torch.float64),
+    "huge_1e25": lambda n, g: torch.randn(n, generator=g, dtype=torch.float64) * 1e25,
+    "huge_3e38": lambda n, g: (1 + 0.13 * torch.rand(n, generator=g, dtype=torch.float64)) * 3e38,
+    "one_huge": lambda n, g: _with(torch.randn(n, generator=g, dtype=torch.float64), 2, 3.3e38),
+    "huge_1e200": lambda n, g: torch.randn(n, generator=g, dtype=torch.float64) * 1e200,
+    "tiny_1e-30": lambda n, g: torch.randn(n, generator=g, dtype=torch.float64) * 1e-30,
+    "float32_subnormal": lambda n, g: torch.randn(n, generator=g, dtype=torch.float64) * 1e-41,
+    "smallest_float32": lambda n, g: torch.full((n,), 1.401298464324817e-45, dtype=torch.float64),
+    "float64_square_subnormal": lambda n, g: torch.randn(n, generator=g, dtype=torch.float64) * 1e-160,
+    "float64_subnormal": lambda n, g: torch.randn(n, generator=g, dtype=torch.float64) * 1e-310,
+    "float16_subnormal": lambda n, g: torch.randn(n, generator=g, dtype=torch.float64) * 1e-6,
+}
+
+
+def _with(row, j, value):
+    row[j] = value
+    return row
+
+
+def special_matrix(cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Ordinary rows interleaved with every SPECIAL_ROWS row, converted to dtype as torch does."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for build in SPECIAL_ROWS.values():
+        rows.append(torch.randn(cols, generator=g, dtype=torch.float64))
+        rows.append(build(cols, g))
+    rows.append(torch.randn(cols, generator=g, dtype=torch.float64))
+    return torch.stack(rows).to(dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("token_norm", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: NATIVE_DTYPES[d])
+@pytest.mark.parametrize("cols", [5, 37, 300])
+def test_special_rows_match_reference(cols, dtype, token_norm):
+    x = special_matrix(cols, dtype, seed=cols)
+    acc0 = _init_acc(cols)
+    got = _run_cpu(x, acc0.clone(), token_norm=token_norm)
+    want = acc0.clone()
+    sqnorm_accumulate_reference(x, want, token_norm=token_norm)
+    torch.testing.assert_close(got, want, rtol=4 * EPS32, atol=0, equal_nan=not token_norm)
+    if token_norm:
+        # a zero, inf or NaN row adds nothing, every other row exactly 1 in total
+        totals = x.double().square().sum(dim=1)
+        counted = int(((totals > 0) & torch.isfinite(totals)).sum())
+        assert torch.isfinite(got).all()
+        assert float((got - acc0).double().sum()) == pytest.approx(counted, rel=1e-5)
+        # and each special row alone: nothing for the skipped ones, a finite unit for the others
+        for r in range(x.shape[0]):
+            alone = _run_cpu(x, torch.zeros(cols), row_start=r, row_end=r + 1)
+            assert float(alone.double().sum()) == pytest.approx(float(counted_row(x[r])), rel=1e-5), r
+
+
+def counted_row(row: torch.Tensor) -> bool:
+    total = row.double().square().sum()
+    return bool(total > 0 and torch.isfinite(total))
+
+
 @needs_ext
 @pytest.mark.parametrize("token_norm", [True, False])
 @pytest.mark.parametrize(

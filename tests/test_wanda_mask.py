@@ -355,13 +355,64 @@ def test_cpu_native_argument_errors():
     ext = extension()
     weight, norms = torch.randn(4, 9), torch.rand(2, 9)
     mask = torch.empty(4, 2, dtype=torch.uint8)
-    args = [weight.data_ptr(), "float32", 4, 9, norms.data_ptr(), 0, 2, 3, True, mask.data_ptr()]
+    flags = torch.zeros(1, dtype=torch.int32)
+    args = [weight.data_ptr(), "float32", 4, 9, norms.data_ptr(), 0, 2, 3, True, mask.data_ptr(), flags.data_ptr()]
     ext.wanda_mask_cpu(*args)
     assert torch.equal(mask, wanda_mask_reference(weight, norms, None, 3))
+    assert flags.item() == 0
     with pytest.raises(ValueError, match="k=10"):
         ext.wanda_mask_cpu(*args[:7], 10, *args[8:])
     with pytest.raises(ValueError, match="dtype"):
         ext.wanda_mask_cpu(args[0], "int8", *args[2:])
+    with pytest.raises(ValueError, match="null pointer"):
+        ext.wanda_mask_cpu(*args[:10], 0)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16, torch.float64), ids=str)
+@pytest.mark.parametrize("k", (0, 1, 5, 37))
+@pytest.mark.parametrize("bad", (float("nan"), float("inf"), float("-inf")))
+def test_cpu_kernel_sets_the_flag_word(dtype, k, bad):
+    """The C++ kernel's flag word equals the one torch computes, for every k (0 and in included)."""
+    from memcore.ops.wanda_mask import BAD_NORMS, BAD_NULL_NORMS, BAD_WEIGHT, _native, nonfinite_flags
+
+    gen = torch.Generator().manual_seed(k)
+    weight, norms, null = make_inputs(gen, 9, 37, 3, dtype=dtype)
+    for which in range(8):  # every subset of {weight, norms, null_norms}
+        w, n, z = weight.clone(), norms.clone(), null.clone()
+        if which & BAD_WEIGHT:
+            w[4, 36] = bad
+        if which & BAD_NORMS:
+            n[2, 0] = bad
+        if which & BAD_NULL_NORMS:
+            z[1, 17] = bad
+        for nn in (z, None):
+            mask, flags = _native(w, n, nn, k, True)
+            want = nonfinite_flags(w, n, nn)
+            assert flags.dtype == torch.int32 and tuple(flags.shape) == (1,)
+            assert int(flags) == int(want) == (which if nn is not None else which & ~BAD_NULL_NORMS), (which, nn is None)
+            if not which:
+                assert torch.equal(mask, wanda_mask_reference(w, n, nn, k))
+
+
+@needs_ext
+def test_cpu_flags_check_float64_weights_before_rounding():
+    # 1e300 is a finite float64 weight (no flag, as in the reference) though its float32 score is inf
+    weight = torch.randn(3, 20, dtype=torch.float64)
+    weight[1, 3] = 1e300
+    norms = torch.rand(2, 20)
+    with use_backend("cpu"):
+        got = wanda_mask(weight, norms, None, 4)
+    assert torch.equal(got, wanda_mask_reference(weight, norms, None, 4))
+
+
+@needs_ext
+def test_cpu_flags_name_every_bad_input():
+    weight, norms, null = torch.randn(4, 9), torch.rand(3, 9), torch.rand(3, 9)
+    weight[0, 0] = float("nan")
+    norms[2, 8] = float("inf")
+    with use_backend("cpu"), pytest.raises(ValueError, match="wanda_mask: weight and norms contain NaN or inf"):
+        wanda_mask(weight, norms, null, 0)
 
 
 # --- validation --------------------------------------------------------------------------------

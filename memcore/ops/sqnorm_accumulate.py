@@ -15,7 +15,8 @@ direction to count. Every backend follows this rule, and no backend overflows on
 Without ``token_norm`` the squares are added as they are.
 
 Backends: ``reference`` (float64 PyTorch, any device), ``cpu`` (C++/OpenMP, float64 accumulation
-within a call), ``cuda`` (CUDA kernel on the caller's stream).
+within a call), ``cuda`` (CUDA kernels on the caller's stream, float64 accumulation, the same result
+from run to run).
 """
 
 from __future__ import annotations
@@ -56,18 +57,12 @@ def _rows_2d(x: torch.Tensor) -> torch.Tensor:
 
 def _native(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
     x2 = _rows_2d(x)
-    launch(
-        "sqnorm_accumulate",
-        x2.device,
-        x2.data_ptr(),
-        NATIVE_DTYPES[x2.dtype],
-        x2.shape[0],
-        x2.shape[1],
-        row_start,
-        row_end,
-        acc.data_ptr(),
-        token_norm,
-    )
+    dtype, rows, cols = NATIVE_DTYPES[x2.dtype], x2.shape[0], x2.shape[1]
+    args = (x2.data_ptr(), dtype, rows, cols, row_start, row_end, acc.data_ptr(), token_norm)
+    if x2.device.type == "cuda":  # per-block partial sums go to a workspace, added in a fixed order
+        launch("sqnorm_accumulate", x2.device, *args, workspace=(dtype, rows, cols, row_start, row_end, token_norm))
+    else:
+        launch("sqnorm_accumulate", x2.device, *args)
 
 
 def _triton(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:

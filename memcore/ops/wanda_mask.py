@@ -122,6 +122,7 @@ def _native(weight, norms, null_norms, k, largest):
     null_norms = None if null_norms is None else null_norms.contiguous()
     out, in_features = weight.shape
     mask = torch.empty((out, (in_features + _BITS - 1) // _BITS), dtype=torch.uint8, device=weight.device)
+    flags = torch.zeros(1, dtype=torch.int32, device=weight.device)  # the kernels OR the BAD_* bits in
     launch(
         "wanda_mask",
         weight.device,
@@ -135,10 +136,9 @@ def _native(weight, norms, null_norms, k, largest):
         k,
         largest,
         mask.data_ptr(),
+        flags.data_ptr(),
     )
-    # TODO(kernel flag): the native kernels read every value of W and the norms; they are to set
-    # the flag word themselves. Until then it is computed here.
-    return mask, nonfinite_flags(weight, norms, null_norms)
+    return mask, flags
 
 
 def _triton(weight, norms, null_norms, k, largest):
