@@ -4,30 +4,33 @@ Math, for every row r of P = ``p2d`` (``h = P[r, :inner]``, ``g = P[r, inner:]``
 
     gate[r]  = round_P(0.5 * g * (1 + erf(g / sqrt(2))))     (exact gelu, rounded to P's dtype)
     X[r]     = round_P(h * gate[r])
-    acc[j]  += X[r, j]^2 / ||X[r]||^2   for row_start <= r < row_end   (token_norm; zero rows add 0)
+    acc[j]  += X[r, j]^2 / ||X[r]||^2   for row_start <= r < row_end   (token_norm; a row of X that
+                                                 is zero or holds inf/NaN adds 0)
     acc[j]  += X[r, j]^2                                                (otherwise)
 
 gelu and the product are evaluated in float32 (float64 for a float64 P) and rounded to P's dtype
 exactly where diffusers' eager ``hidden_states * F.gelu(gate)`` rounds: ``F.gelu`` returns P's
 dtype, and the product of two fp16/bf16 values is exact in fp32, so each of the two roundings is the
-one eager PyTorch makes; only erf's last bit can differ. The statistic is that of X as stored
-(the rounded rows), in float32 registers, with the row-scaling of ``sqnorm_accumulate.py``.
+one eager PyTorch makes; only erf's last bit can differ (erf has no division; the compiler may turn
+the exact fp32 product rounded to fp16 into one ``mul.f16``, the same value). The statistic is that
+of X as stored (the rounded rows: a finite fp16 P can give an inf X, which then does not count), in
+float32 registers (float64 for float64), with the row normalization of ``sqnorm_accumulate.py``.
 
 Memory layout: ``p2d`` is row-major ``[rows, 2 * inner]`` (row stride ``stride_p`` elements, unit
 column stride), float16/bfloat16/float32/float64; ``out`` is a contiguous ``[rows, inner]`` in P's
 dtype; ``acc`` is a contiguous float32 ``[inner]``. Every row of X is computed and stored; only rows
 in [row_start, row_end) enter the statistic.
 
-Work split: tiles of BLOCK_R rows, walked by a persistent grid of a few programs per SM.
+Work split and determinism as in ``sqnorm_accumulate.py``: tiles of BLOCK_R rows, program p walks
+tiles p, p + P, ... and writes its column sums to its own row of a workspace, which a second kernel
+adds into ``acc`` in program order; no floating-point atomics.
 
-- ``inner <= MAX_BLOCK_COLS`` (every SD layer: inner <= 5120): a tile is one [BLOCK_R, BLOCK_C]
+- ``inner <= MAX_BLOCK_COLS`` (every SD GEGLU: inner <= 5120): a tile is one [BLOCK_R, BLOCK_C]
   block. P is read once, X written once, and the statistic is computed from the X still in
-  registers: no extra pass over X in global memory. Column partial sums stay in registers and reach
-  ``acc`` with one ``tl.atomic_add`` per column and program.
-- Wider rows, token_norm: pass 1 walks the row in BLOCK_C chunks, storing X and finding the row
-  scale and norm; pass 2 recomputes X from P (bit-identical) and adds its statistic with atomics.
-
-float32 atomics make the last bits of ``acc`` depend on program completion order on a GPU.
+  registers: no extra pass over X in global memory.
+- Wider rows: one kernel walks each row in BLOCK_C chunks, storing X and (token_norm) finding the
+  row's scale and norm; the statistic is then added from the stored X by the chunked kernel of
+  ``sqnorm_accumulate.py`` (one extra read of X, only for these rows).
 """
 
 from __future__ import annotations
@@ -41,11 +44,20 @@ import triton.language as tl
 from memcore._kernels.sqnorm_accumulate import (
     _TORCH_DTYPES,
     MAX_BLOCK_COLS,
-    _blocks,
-    _grid_size,
-    _num_warps,
-    _row_scale,
-    _safe_reciprocal,
+    add_partials,
+    blocks,
+    compute_dtype,
+    device_guard,
+    finish_norm,
+    normalized_squares,
+    num_warps,
+    programs,
+    row_norm,
+    running_norm,
+    upcast,
+    torch_dtype,
+    wide_partials,
+    workspace,
 )
 
 # 1 / sqrt(2)
@@ -75,92 +87,98 @@ def _round_to(x, dtype: tl.constexpr, IS_BF16: tl.constexpr):
 
 @triton.jit
 def _geglu_tile(
-    p_ptr, out_ptr, rows, cols, mask, inner, stride_p, COMPUTE: tl.constexpr, IS_BF16: tl.constexpr, STORE: tl.constexpr
+    p_ptr, out_ptr, rows, cols, mask, inner, stride_p, IS_BF16: tl.constexpr, STORE: tl.constexpr
 ):
-    """X for a [BLOCK_R, BLOCK_C] tile (rows x column indices), stored if STORE; returns X as fp32."""
+    """X for a [BLOCK_R, BLOCK_C] tile (rows x column indices), stored if STORE; returns X in float32
+    (float64 for float64 P)."""
     p_row = p_ptr + rows.to(tl.int64)[:, None] * stride_p
     h_raw = tl.load(p_row + cols[None, :], mask=mask, other=0.0)
-    g = tl.load(p_row + inner + cols[None, :], mask=mask, other=0.0).to(COMPUTE)
+    g = upcast(tl.load(p_row + inner + cols[None, :], mask=mask, other=0.0))
     gelu = g * 0.5 * (1.0 + tl.math.erf(g * SQRT1_2))
-    gate = _round_to(gelu, h_raw.dtype, IS_BF16).to(COMPUTE)  # F.gelu returns P's dtype
-    x = _round_to(h_raw.to(COMPUTE) * gate, h_raw.dtype, IS_BF16)
+    gate = upcast(_round_to(gelu, h_raw.dtype, IS_BF16))  # F.gelu returns P's dtype
+    x = _round_to(upcast(h_raw) * gate, h_raw.dtype, IS_BF16)
     if STORE:
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * inner + cols[None, :], x, mask=mask)
-    return x.to(tl.float32)
+    return upcast(x)
 
 
 @triton.jit
-def _geglu_accumulate_kernel(
+def _geglu_tiles_kernel(
     p_ptr,
     out_ptr,
-    acc_ptr,
+    ws_ptr,
     n_rows,
     row_start,
     row_end,
     inner,
     stride_p,
     TOKEN_NORM: tl.constexpr,
-    CHUNKED: tl.constexpr,
     COMPUTE: tl.constexpr,
     IS_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
+    """Rows of at most BLOCK_C outputs: X of every row; program p writes its column sums to ws[p, :inner]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    n_tiles = tl.cdiv(n_rows, BLOCK_R)
     r_off = tl.arange(0, BLOCK_R)
     c_off = tl.arange(0, BLOCK_C)
+    c_mask = c_off < inner
+    partial = tl.zeros([BLOCK_C], dtype=tl.float64)
+    for tile in range(pid, tl.cdiv(n_rows, BLOCK_R), nprog):
+        rows = tile * BLOCK_R + r_off
+        r_mask = rows < n_rows
+        mask = r_mask[:, None] & c_mask[None, :]
+        x = _geglu_tile(p_ptr, out_ptr, rows, c_off, mask, inner, stride_p, IS_BF16, True)
+        counted = r_mask & (rows >= row_start) & (rows < row_end)
+        if TOKEN_NORM:
+            c, inv_s = row_norm(x, counted)
+            sq = normalized_squares(x, c, inv_s)
+        else:
+            sq = tl.where(counted[:, None], x * x, 0.0)
+        partial += tl.sum(sq, axis=0).to(tl.float64)
+    tl.store(ws_ptr + pid.to(tl.int64) * inner + c_off, partial.to(COMPUTE), mask=c_mask)
 
-    if not CHUNKED:
-        c_mask = c_off < inner
-        partial = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for tile in range(pid, n_tiles, nprog):
-            rows = tile * BLOCK_R + r_off
-            r_mask = rows < n_rows
-            mask = r_mask[:, None] & c_mask[None, :]
-            x = _geglu_tile(p_ptr, out_ptr, rows, c_off, mask, inner, stride_p, COMPUTE, IS_BF16, True)
-            counted = r_mask & (rows >= row_start) & (rows < row_end)
+
+@triton.jit
+def _geglu_rows_kernel(
+    p_ptr,
+    out_ptr,
+    norm_ptr,
+    n_rows,
+    row_start,
+    row_end,
+    inner,
+    stride_p,
+    TOKEN_NORM: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    IS_BF16: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Wide rows: X of every row in BLOCK_C chunks; with TOKEN_NORM, (c, inv_s) of row row_start + i
+    in norm[0, i], norm[1, i] (the statistic is then added from the stored X)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    n = row_end - row_start
+    r_off = tl.arange(0, BLOCK_R)
+    c_off = tl.arange(0, BLOCK_C)
+    for tile in range(pid, tl.cdiv(n_rows, BLOCK_R), nprog):
+        rows = tile * BLOCK_R + r_off
+        r_mask = rows < n_rows
+        mbits = tl.zeros([BLOCK_R], dtype=tl.int64 if COMPUTE == tl.float64 else tl.int32)
+        s = tl.zeros([BLOCK_R], dtype=COMPUTE)
+        for c0 in range(0, inner, BLOCK_C):
+            cc = c0 + c_off
+            mask = r_mask[:, None] & (cc < inner)[None, :]
+            x = _geglu_tile(p_ptr, out_ptr, rows, cc, mask, inner, stride_p, IS_BF16, True)
             if TOKEN_NORM:
-                y, inv_s = _row_scale(x, counted)
-                sq = y * y * inv_s[:, None]
-            else:
-                sq = x * x
-            partial += tl.sum(tl.where(counted[:, None], sq, 0.0), axis=0)
-        tl.atomic_add(acc_ptr + c_off, partial, mask=c_mask)
-    else:
-        for tile in range(pid, n_tiles, nprog):
-            rows = tile * BLOCK_R + r_off
-            r_mask = rows < n_rows
+                mbits, s = running_norm(mbits, s, x)
+        if TOKEN_NORM:
             counted = r_mask & (rows >= row_start) & (rows < row_end)
-            m = tl.zeros([BLOCK_R], dtype=tl.float32)
-            s = tl.zeros([BLOCK_R], dtype=tl.float32)
-            for c0 in range(0, inner, BLOCK_C):
-                cc = c0 + c_off
-                c_mask = cc < inner
-                mask = r_mask[:, None] & c_mask[None, :]
-                x = _geglu_tile(p_ptr, out_ptr, rows, cc, mask, inner, stride_p, COMPUTE, IS_BF16, True)
-                x = tl.where(counted[:, None], x, 0.0)
-                if TOKEN_NORM:
-                    # running row scale m = max |x| and s = sum (x / m)^2, rescaled when m grows
-                    m_new = tl.maximum(m, tl.max(tl.abs(x), axis=1))
-                    safe = tl.where(m_new > 0.0, m_new, 1.0)
-                    ratio = m / safe
-                    y = x / safe[:, None]
-                    s = s * ratio * ratio + tl.sum(y * y, axis=1)
-                    m = m_new
-                else:
-                    tl.atomic_add(acc_ptr + cc, tl.sum(x * x, axis=0), mask=c_mask)
-            if TOKEN_NORM:
-                m = tl.where(m > 0.0, m, 1.0)
-                inv_s = _safe_reciprocal(s)
-                for c0 in range(0, inner, BLOCK_C):
-                    cc = c0 + c_off
-                    c_mask = cc < inner
-                    mask = counted[:, None] & c_mask[None, :]
-                    x = _geglu_tile(p_ptr, out_ptr, rows, cc, mask, inner, stride_p, COMPUTE, IS_BF16, False)
-                    y = x / m[:, None]
-                    tl.atomic_add(acc_ptr + cc, tl.sum(y * y * inv_s[:, None], axis=0), mask=c_mask)
+            c, inv_s = finish_norm(mbits, s, counted)
+            tl.store(norm_ptr + rows - row_start, c, mask=counted)
+            tl.store(norm_ptr + n + rows - row_start, inv_s, mask=counted)
 
 
 def geglu_accumulate_triton(
@@ -193,23 +211,32 @@ def geglu_accumulate_triton(
     out = torch.empty((rows, inner), dtype=p2d.dtype, device=p2d.device)
     if rows == 0 or inner == 0:
         return out
-    chunked, block_r, block_c = _blocks(rows, inner, max_block_cols)
-    grid = (_grid_size(p2d.device, triton.cdiv(rows, block_r)),)
-    _geglu_accumulate_kernel[grid](
-        p2d,
-        out,
-        acc,
-        rows,
-        row_start,
-        row_end,
-        inner,
-        p2d.stride(0),
+    compute = compute_dtype(p2d.dtype)
+    chunked, block_r, block_c = blocks(rows, inner, max_block_cols)
+    n_programs = programs(p2d.device, rows, block_r)
+    n = row_end - row_start
+    constants = dict(
         TOKEN_NORM=bool(token_norm),
-        CHUNKED=chunked,
-        COMPUTE=tl.float64 if p2d.dtype == torch.float64 else tl.float32,
+        COMPUTE=compute,
         IS_BF16=p2d.dtype == torch.bfloat16,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
-        num_warps=_num_warps(block_r, block_c),
+        num_warps=num_warps(block_r, block_c),
     )
+    with device_guard(p2d.device):
+        if not chunked:
+            ws = workspace(n_programs, inner, compute, p2d.device)
+            _geglu_tiles_kernel[(n_programs,)](
+                p2d, out, ws, rows, row_start, row_end, inner, p2d.stride(0), **constants
+            )
+            add_partials(ws, acc)
+        else:
+            norm = torch.empty((2, n), dtype=torch_dtype(compute), device=p2d.device) if token_norm else None
+            norm_arg = out if norm is None else norm  # a dummy pointer without token_norm
+            _geglu_rows_kernel[(n_programs,)](
+                p2d, out, norm_arg, rows, row_start, row_end, inner, p2d.stride(0), **constants
+            )
+            if n > 0:
+                _, block_r, block_c = blocks(n, inner, max_block_cols)
+                add_partials(wide_partials(out, norm, row_start, row_end, compute, block_r, block_c), acc)
     return out

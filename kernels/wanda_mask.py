@@ -20,6 +20,14 @@ steps over the row. Then the selection is every key beyond ``kth`` plus, in colu
 ``k - count(key > kth)`` keys equal to it (a cumulative sum over the row): exactly the reference's
 tie rule. Scores need not be >= 0 (the op accepts any finite norms).
 
+Non-finite inputs: while it reads them, every program checks its rows of W (in W's own dtype) and
+the norms for NaN or inf and ORs the bits BAD_WEIGHT / BAD_NORMS / BAD_NULL_NORMS into an int32 flag
+word with an integer ``atomic_or`` (order-independent, so deterministic); the op reads the word once
+after the kernel and raises. No extra pass over W. With ``k = 0`` (or no rows) the kernel still runs
+to check the values, without selecting anything.
+
+Arithmetic is exact: products, comparisons and integer operations, no division.
+
 Memory layout: ``weight`` any float dtype with strides (stride_wr, stride_wc); ``norms`` and
 ``null_norms`` contiguous float32 ``[T, in]``; the output is ``uint8[out, ceil(in / 8)]`` row-major,
 bit i (least significant first) of byte b holding column ``8 b + i``, padding bits zero.
@@ -31,11 +39,19 @@ import torch
 import triton
 import triton.language as tl
 
+from memcore._kernels.sqnorm_accumulate import device_guard, upcast
+
 # bits per packed byte
 BITS = 8
-# widest row: Triton's largest block. Rows beyond ~16K columns (SDXL: 10240) spill registers.
+# widest row: Triton's largest block. Rows beyond ~16K columns (SDXL: 10240) spill registers: for
+# sm_90, rows of 10241 to 16384 columns (one block of 16384) compile to 128 registers a thread, 272
+# bytes of spills and 2 KiB of shared memory (the H100/H200 limit is 227 KiB).
 MAX_IN_FEATURES = 1 << 20
 INT32_MIN = tl.constexpr(-(1 << 31))
+# bits of the flag word, as memcore.ops.wanda_mask defines them
+BAD_WEIGHT = tl.constexpr(1)
+BAD_NORMS = tl.constexpr(2)
+BAD_NULL_NORMS = tl.constexpr(4)
 # Elements of one [ROWS, BLOCK] block: rows narrower than this share a program.
 TILE_ELEMENTS = 4096
 
@@ -67,11 +83,18 @@ def _select_k(key, valid, k, BITS_IN_KEY: tl.constexpr):
 
 
 @triton.jit
+def _nonfinite(v):
+    """1 if any element of the [R, C] block v (float32 or float64) is inf or NaN, else 0 (int32)."""
+    return tl.max(tl.max(((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
 def _wanda_mask_kernel(
     w_ptr,
     norms_ptr,
     null_ptr,
     out_ptr,
+    flags_ptr,
     out_features,
     in_features,
     n_t,
@@ -81,6 +104,7 @@ def _wanda_mask_kernel(
     nbytes,
     HAS_NULL: tl.constexpr,
     LARGEST: tl.constexpr,
+    SELECT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -90,29 +114,40 @@ def _wanda_mask_kernel(
     c_mask = col < in_features
     valid = r_mask[:, None] & c_mask[None, :]
     w = tl.load(w_ptr + rows[:, None] * stride_wr + col[None, :] * stride_wc, mask=valid, other=0.0)
-    abs_w = tl.abs(w.to(tl.float32))
+    w32 = upcast(w).to(tl.float32)  # exact for 16-bit weights, NaN and inf included
+    # a float64 weight is checked as it is: beyond float32's range is not NaN or inf
+    bad = _nonfinite(w if w.dtype == tl.float64 else w32) * BAD_WEIGHT
+    abs_w = tl.abs(w32)
     mask = tl.zeros([ROWS, BLOCK], dtype=tl.int1)
     for t in range(n_t):
         norm = tl.load(norms_ptr + t * in_features + col, mask=c_mask, other=0.0)
-        s_mem = abs_w * norm[None, :]
-        selected = _select_k(_order_key(s_mem, LARGEST), valid, k, 32)
+        bad |= _nonfinite(norm[None, :]) * BAD_NORMS
         if HAS_NULL:
             null = tl.load(null_ptr + t * in_features + col, mask=c_mask, other=0.0)
-            selected = selected & (s_mem > abs_w * null[None, :])
-        mask = mask | selected
-    # pack: column 8 b + i -> bit i of byte b
-    bits = tl.reshape(mask.to(tl.int32), [ROWS, BLOCK // 8, 8]) << tl.arange(0, 8)[None, None, :]
-    packed = tl.sum(bits, axis=2).to(tl.uint8)
-    byte = tl.arange(0, BLOCK // 8)
-    tl.store(
-        out_ptr + rows[:, None] * nbytes + byte[None, :], packed, mask=r_mask[:, None] & (byte < nbytes)[None, :]
-    )
+            bad |= _nonfinite(null[None, :]) * BAD_NULL_NORMS
+        if SELECT:
+            s_mem = abs_w * norm[None, :]
+            selected = _select_k(_order_key(s_mem, LARGEST), valid, k, 32)
+            if HAS_NULL:
+                selected = selected & (s_mem > abs_w * null[None, :])
+            mask = mask | selected
+    # an integer OR: the same word whatever order the programs finish in; only programs that found
+    # something touch it
+    tl.atomic_or(flags_ptr, bad, mask=bad != 0)
+    if SELECT:
+        # pack: column 8 b + i -> bit i of byte b
+        bits = tl.reshape(mask.to(tl.int32), [ROWS, BLOCK // 8, 8]) << tl.arange(0, 8)[None, None, :]
+        packed = tl.sum(bits, axis=2).to(tl.uint8)
+        byte = tl.arange(0, BLOCK // 8)
+        tl.store(
+            out_ptr + rows[:, None] * nbytes + byte[None, :], packed, mask=r_mask[:, None] & (byte < nbytes)[None, :]
+        )
 
 
 def _blocks(out_features: int, in_features: int) -> tuple[int, int]:
     """(ROWS, BLOCK): a row padded to a power of two >= 8 columns, rows per program up to TILE_ELEMENTS."""
     block = max(BITS, triton.next_power_of_2(in_features))
-    rows = max(1, min(TILE_ELEMENTS // block, triton.next_power_of_2(out_features)))
+    rows = max(1, min(TILE_ELEMENTS // block, triton.next_power_of_2(max(out_features, 1))))
     return rows, block
 
 
@@ -122,8 +157,10 @@ def wanda_mask_triton(
     null_norms: torch.Tensor | None,
     k: int,
     largest: bool = True,
-) -> torch.Tensor:
-    """The packed mask ``uint8[out, ceil(in / 8)]`` of SPEC section 3 (see the module docstring)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed mask ``uint8[out, ceil(in / 8)]`` of SPEC section 3 (see the module docstring) and the
+    int32[1] flag word of the inputs holding NaN or inf (bits BAD_WEIGHT, BAD_NORMS, BAD_NULL_NORMS),
+    both on weight's device; the kernel sets the flags while it reads the values for the mask."""
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
             "wanda_mask_triton: weight must be a 2-D floating tensor, "
@@ -148,28 +185,32 @@ def wanda_mask_triton(
     if not 0 <= k <= in_features:
         raise ValueError(f"wanda_mask_triton: k must be in [0, {in_features}], got {k}")
     nbytes = (in_features + BITS - 1) // BITS
-    if k == 0 or out_features == 0:
-        return torch.zeros((out_features, nbytes), dtype=torch.uint8, device=weight.device)
-    out = torch.empty((out_features, nbytes), dtype=torch.uint8, device=weight.device)
+    select = k > 0 and out_features > 0
+    # k = 0 or no rows: nothing to select, but the values are still checked (one program at least)
+    out = (torch.empty if select else torch.zeros)((out_features, nbytes), dtype=torch.uint8, device=weight.device)
+    flags = torch.zeros(1, dtype=torch.int32, device=weight.device)
     norms = norms.contiguous()
     null = norms if null_norms is None else null_norms.contiguous()  # a dummy pointer without null norms
     rows, block = _blocks(out_features, in_features)
-    _wanda_mask_kernel[(triton.cdiv(out_features, rows),)](
-        weight,
-        norms,
-        null,
-        out,
-        out_features,
-        in_features,
-        norms.shape[0],
-        k,
-        weight.stride(0),
-        weight.stride(1),
-        nbytes,
-        HAS_NULL=null_norms is not None,
-        LARGEST=bool(largest),
-        ROWS=rows,
-        BLOCK=block,
-        num_warps=max(1, min(16, rows * block // 256)),
-    )
-    return out
+    with device_guard(weight.device):
+        _wanda_mask_kernel[(max(1, triton.cdiv(out_features, rows)),)](
+            weight,
+            norms,
+            null,
+            out,
+            flags,
+            out_features,
+            in_features,
+            norms.shape[0],
+            k,
+            weight.stride(0),
+            weight.stride(1),
+            nbytes,
+            HAS_NULL=null_norms is not None,
+            LARGEST=bool(largest),
+            SELECT=select,
+            ROWS=rows,
+            BLOCK=block,
+            num_warps=max(1, min(16, rows * block // 256)),
+        )
+    return out, flags

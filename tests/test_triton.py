@@ -12,11 +12,22 @@ shapes are small, with a few SD widths on a handful of rows.
 
 Masks compare byte for byte; statistics within a small multiple of plain PyTorch's own float32
 error against the float64 reference; GEGLU outputs within 2x eager PyTorch's own error.
+
+What the interpreter cannot show (the GPU's rounding of division, shared memory, atomics) is checked
+on the code the GPU would run: the kernels are compiled for sm_90 here, without a GPU (Triton ships
+ptxas), in a subprocess without the interpreter, and their PTX and metadata are read. Tests marked
+``needs_cuda`` run the kernels on a GPU (odd widths, every dtype, run-to-run determinism).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import json
 import os
+import re
+import subprocess
+import sys
 
 import torch
 
@@ -42,9 +53,12 @@ if DEVICE.type == "cpu":
 from memcore.ops import geglu_accumulate, sqnorm_accumulate, use_backend, wanda_mask  # noqa: E402
 from memcore.ops.geglu_accumulate import geglu_accumulate_reference  # noqa: E402
 from memcore.ops.sqnorm_accumulate import sqnorm_accumulate_reference  # noqa: E402
-from memcore.ops.wanda_mask import unpack_mask, wanda_mask_reference  # noqa: E402
+from memcore.ops.wanda_mask import nonfinite_flags, unpack_mask, wanda_mask_reference  # noqa: E402
 
 EPS32 = torch.finfo(torch.float32).eps
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+INF, NAN = float("inf"), float("nan")
+needs_cuda = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA device")
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -53,23 +67,25 @@ def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def _plain_statistic(x: torch.Tensor, acc0: torch.Tensor, row_start: int, row_end: int | None, token_norm: bool):
-    """What plain float32 PyTorch computes for the statistic (the error yardstick)."""
-    rows = x.reshape(-1, x.shape[-1])[row_start:row_end].float()
+def _statistic(x, acc0, row_start, row_end, token_norm, dtype) -> torch.Tensor:
+    """The statistic computed plainly in ``dtype``: a row counts (token_norm) iff its sum of squares
+    is positive and finite in that dtype."""
+    rows = x.reshape(-1, x.shape[-1])[row_start:row_end].to(dtype)
     sq = rows.square()
     if token_norm:
         total = sq.sum(dim=1, keepdim=True)
-        sq = torch.where(total > 0, sq / total, torch.zeros(()))
-    return acc0 + sq.sum(dim=0)
+        counted = (total > 0) & torch.isfinite(total)
+        sq = torch.where(counted, sq / total, torch.zeros((), dtype=dtype))
+    return acc0.to(dtype) + sq.sum(dim=0)
+
+
+def _plain_statistic(x: torch.Tensor, acc0: torch.Tensor, row_start: int, row_end: int | None, token_norm: bool):
+    """What plain float32 PyTorch computes for the statistic (the error yardstick)."""
+    return _statistic(x, acc0, row_start, row_end, token_norm, torch.float32)
 
 
 def _reference64(x, acc0, row_start, row_end, token_norm) -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])[row_start:row_end].double()
-    sq = rows.square()
-    if token_norm:
-        total = sq.sum(dim=1, keepdim=True)
-        sq = torch.where(total > 0, sq / total, torch.zeros((), dtype=torch.float64))
-    return acc0.double() + sq.sum(dim=0)
+    return _statistic(x, acc0, row_start, row_end, token_norm, torch.float64)
 
 
 def assert_statistic_close(got, x, acc0, row_start=0, row_end=None, token_norm=True):
@@ -165,6 +181,80 @@ def test_wanda_mask_sd_widths(out, cols, k):
     _check_mask(weight, norms, null, k, True)
 
 
+def _wanda_triton(weight, norms, null, k, largest=True):
+    from memcore._kernels.wanda_mask import wanda_mask_triton
+
+    mask, flags = wanda_mask_triton(*_on_device(weight, norms, null), k, largest)
+    assert flags.dtype == torch.int32 and flags.shape == (1,) and flags.device == weight.to(DEVICE).device
+    return mask.cpu(), flags.cpu()
+
+
+def _with_bad_weights(weight: torch.Tensor) -> list[torch.Tensor]:
+    """Copies of weight with one NaN, inf or -inf: first row and column, last ones, the middle."""
+    out = []
+    for where, value in (((0, 0), NAN), ((-1, -1), INF), ((2, 9), -INF)):
+        bad = weight.clone()
+        bad[where] = value
+        out.append(bad)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, in the interpreter, on NaN and inf
+def test_wanda_mask_flags_set_by_the_kernel():
+    """The flag word says which inputs hold NaN or inf, as nonfinite_flags computes it, wherever the
+    bad value sits, with or without null norms, for k = 0 too."""
+    weight, norms, null = _mask_inputs(5, 19, 2, seed=7)
+    _, flags = _wanda_triton(weight, norms, null, 4)
+    assert flags.item() == 0
+    bad_weights = _with_bad_weights(weight)
+    bad_norms, bad_null = norms.clone(), null.clone()
+    bad_norms[1, 18] = NAN
+    bad_null[0, 0] = INF
+    cases = [(w, norms, null) for w in bad_weights]
+    cases += [(weight, bad_norms, null), (weight, norms, bad_null), (bad_weights[0], bad_norms, bad_null)]
+    seen = set()
+    for w, n, nn in cases:
+        for k, with_null in ((4, True), (0, True), (19, False)):
+            nn_k = nn if with_null else None
+            _, flags = _wanda_triton(w, n, nn_k, k)
+            want = nonfinite_flags(w, n, nn_k).item()
+            assert flags.item() == want, (k, with_null, flags.item(), want)
+            seen.add(want)
+    assert seen == {0, 1, 2, 4, 1 | 2, 1 | 2 | 4}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_wanda_mask_flags_weight_dtypes(dtype):
+    weight, norms, null = _mask_inputs(5, 19, 1, seed=8, dtype=dtype)
+    assert _wanda_triton(weight, norms, null, 4)[1].item() == 0
+    for bad in _with_bad_weights(weight):
+        assert _wanda_triton(bad, norms, null, 4)[1].item() == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_wanda_mask_flags_edge_shapes():
+    # no rows: the norms are still checked; a float64 weight beyond float32's range is finite
+    norms = torch.ones(1, 6)
+    norms[0, 3] = NAN
+    mask, flags = _wanda_triton(torch.zeros(0, 6), norms, torch.full((1, 6), INF), 2)
+    assert mask.shape == (0, 1) and flags.item() == 2 | 4
+    weight = torch.tensor([[1e300, -2.0, 1e-300, 3.0]], dtype=torch.float64)
+    norms = torch.tensor([[1.0, 2.0, 3.0, 0.5]])
+    mask, flags = _wanda_triton(weight, norms, None, 2)
+    assert flags.item() == 0
+    assert_mask_equal(mask, wanda_mask_reference(weight, norms, None, 2), 4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_wanda_mask_op_raises_on_kernel_flags():
+    weight, norms, null = _mask_inputs(3, 10, 1, seed=2)
+    weight[1, 4] = NAN
+    null[0, 9] = -INF
+    with use_backend("triton"), pytest.raises(ValueError, match="weight and null_norms contain NaN or inf"):
+        wanda_mask(*_on_device(weight, norms, null), 3)
+
+
 # --- sqnorm_accumulate ------------------------------------------------------------------------
 
 ACC_SHAPES = [(1, 1), (8, 64), (16, 100), (3, 5, 33), (6, 1280)]
@@ -233,6 +323,79 @@ def test_sqnorm_accumulate_extreme_magnitudes():
     torch.testing.assert_close(got.cpu(), want, rtol=8 * EPS32, atol=0)
 
 
+def _subnormal(dtype) -> float:
+    info = torch.finfo(dtype)
+    return info.smallest_normal * info.eps  # the smallest positive subnormal
+
+
+def _special_rows(cols: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows that count, rows that do not), built in float64 and cast to dtype.
+
+    Counted: ordinary, huge finite (1e25, 3e38: their fp32 squares overflow), tiny (1e-30: squares
+    underflow), subnormal, and a huge value next to a subnormal one. Not counted: zeros, a single
+    inf, -inf or NaN among ordinary values, inf next to NaN. A 16-bit cast may turn a huge row into
+    an inf row or a tiny one into zeros: the reference sees the same values. float64 stays within
+    the range where the reference's float64 squared norm is exact (|x| in [1e-150, 1e150]).
+    """
+    gen = _gen(seed)
+    base = torch.randn(cols, generator=gen, dtype=torch.float64)
+    signs = torch.where(torch.rand(cols, generator=gen) < 0.5, -1.0, 1.0).double()
+    wide = dtype == torch.float64
+    sub = 1e-150 if wide else _subnormal(dtype)
+    counted = [base * 3, signs * 1e25, signs * (1e150 if wide else 3e38), base * 1e-30, signs * sub]
+    mixed = torch.full((cols,), 0.0, dtype=torch.float64)
+    mixed[0], mixed[-1] = (1e150 if wide else 3e38), sub
+    counted.append(mixed)
+    dropped = []
+    for value in (0.0, INF, -INF, NAN):
+        row = base.clone() if value != 0.0 else torch.zeros(cols, dtype=torch.float64)
+        row[cols // 2] = value
+        dropped.append(row)
+    both = base.clone()
+    both[0], both[-1] = INF, NAN
+    dropped.append(both)
+    return torch.stack(counted).to(dtype), torch.stack(dropped).to(dtype)
+
+
+def assert_matches_reference(got: torch.Tensor, want: torch.Tensor, rows: int) -> None:
+    """Column sums of at most ``rows`` terms in [0, 1] with a positive start, no cancellation: a few
+    float32 roundings per term (the reference is float64)."""
+    assert torch.isfinite(got).all(), got
+    torch.testing.assert_close(got, want, rtol=(4 + rows) * EPS32, atol=0)
+
+
+def _sqnorm_triton(x, acc, row_start, row_end, token_norm, max_block_cols=None):
+    from memcore._kernels.sqnorm_accumulate import sqnorm_accumulate_triton
+
+    kwargs = {} if max_block_cols is None else {"max_block_cols": max_block_cols}
+    sqnorm_accumulate_triton(x.reshape(-1, x.shape[-1]), acc, row_start, row_end, token_norm, **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("max_block_cols", [None, 4], ids=["one-block", "chunked"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sqnorm_accumulate_special_rows(dtype, max_block_cols):
+    """Zero and non-finite rows add exactly nothing; huge, tiny and subnormal rows add their exact
+    normalized squares (no overflow or underflow); the squares as they are without token_norm."""
+    counted, dropped = _special_rows(9, dtype, seed=3)
+    acc0 = _acc0(9)
+    got = acc0.to(DEVICE, copy=True)
+    _sqnorm_triton(dropped.to(DEVICE), got, 0, len(dropped), True, max_block_cols)
+    assert torch.equal(got.cpu(), acc0), "a zero or non-finite row added something"
+    x = torch.cat([dropped[:3], counted, dropped[3:]])
+    for row_start, row_end in ((0, len(x)), (2, len(x) - 1)):
+        want = acc0.clone()
+        sqnorm_accumulate_reference(x, want, row_start, row_end)
+        got = acc0.to(DEVICE, copy=True)
+        _sqnorm_triton(x.to(DEVICE), got, row_start, row_end, True, max_block_cols)
+        assert_matches_reference(got.cpu(), want, len(x))
+    want = acc0.clone()
+    sqnorm_accumulate_reference(x, want, 0, None, token_norm=False)
+    got = acc0.to(DEVICE, copy=True)
+    _sqnorm_triton(x.to(DEVICE), got, 0, len(x), False, max_block_cols)
+    torch.testing.assert_close(got.cpu(), want, rtol=(4 + len(x)) * EPS32, atol=0, equal_nan=True)
+
+
 # --- geglu_accumulate -------------------------------------------------------------------------
 
 # (leading shape, inner): P is leading + [2 * inner]
@@ -252,6 +415,13 @@ def assert_geglu_close(got: torch.Tensor, want: torch.Tensor, p: torch.Tensor) -
         f"{len(bad)} of {got.numel()} outputs beyond the bound; first {bad[:5].tolist()}: "
         f"got {got[tuple(bad[:5].t())].tolist()}, exact {exact[tuple(bad[:5].t())].tolist()}"
     )
+
+
+def assert_geglu_close_where_finite(got: torch.Tensor, want: torch.Tensor, p: torch.Tensor) -> None:
+    """assert_geglu_close where eager X is finite (rows of P: [h | g])."""
+    finite = want.isfinite()
+    p_finite = torch.where(finite.repeat(1, 2), p, 0)
+    assert_geglu_close(torch.where(finite, got, 0), torch.where(finite, want, 0), p_finite)
 
 
 def _proj_out(leading, inner, dtype, seed):
@@ -318,6 +488,61 @@ def test_geglu_accumulate_strided_input():
     _check_geglu(wide[:, 8:56], 0, None, True)
 
 
+def _special_proj_out(inner: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """P = [h | g] whose X = h * gelu(g) rows are ordinary, huge (X near the dtype's largest finite
+    value), tiny, subnormal, zero, inf (h inf; or finite h and g whose product overflows the dtype:
+    300 * gelu(300) in fp16, 1e25 * gelu(1e25) in fp32 and bf16) or NaN (h NaN, g NaN, g = -inf);
+    g = +inf is left out: eager gelu(+inf) is NaN on the CPU, inf elsewhere."""
+    gen = _gen(seed)
+    wide = dtype == torch.float64
+    big = 1e150 if wide else 0.9 * torch.finfo(dtype).max
+    sub = 1e-150 if wide else _subnormal(dtype)
+    one = torch.ones(inner, dtype=torch.float64)
+    h = torch.randn(inner, generator=gen, dtype=torch.float64)
+    g = torch.randn(inner, generator=gen, dtype=torch.float64) * 2
+    overflow = 300.0 if dtype == torch.float16 else (1e200 if wide else 1e25)
+    rows = [
+        (h, g),
+        (one * big, one),  # gelu(1) = 0.84: X = 0.76 * max
+        (h * 1e-30, one),
+        (one * sub, one * 2),  # gelu(2) = 1.95: X = 2 * the smallest subnormal
+        (torch.zeros(inner, dtype=torch.float64), g),
+        (one * overflow, one * overflow),
+    ]
+    for h_bad, g_bad in ((INF, None), (NAN, None), (None, NAN), (None, -INF)):
+        hh, gg = h.clone(), g.clone()
+        if h_bad is not None:
+            hh[inner // 2] = h_bad
+        if g_bad is not None:
+            gg[inner // 2] = g_bad
+        rows.append((hh, gg))
+    return torch.stack([torch.cat(pair) for pair in rows]).to(dtype)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("max_block_cols", [None, 4], ids=["one-block", "chunked"])
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_geglu_accumulate_special_rows(dtype, max_block_cols):
+    """Rows of X that are zero or not finite (also when P is finite) add exactly nothing; X's
+    non-finite values sit where eager PyTorch puts them."""
+    from memcore._kernels.geglu_accumulate import geglu_accumulate_triton
+
+    kwargs = {} if max_block_cols is None else {"max_block_cols": max_block_cols}
+    p = _special_proj_out(9, dtype, seed=4)
+    acc0 = _acc0(9)
+    for row_start, row_end in ((0, len(p)), (1, len(p) - 1), (4, len(p))):
+        want_acc = acc0.clone()
+        want = geglu_accumulate_reference(p, want_acc, row_start, row_end)
+        got_acc = acc0.to(DEVICE, copy=True)
+        got = geglu_accumulate_triton(p.to(DEVICE), got_acc, row_start, row_end, True, **kwargs).cpu()
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+        assert_geglu_close_where_finite(got, want, p)
+        if row_start == 4:
+            assert torch.equal(got_acc.cpu(), acc0), "a zero or non-finite row of X added something"
+        else:
+            assert_matches_reference(got_acc.cpu(), want_acc, row_end - row_start)
+
+
 def test_fused_capture_routes_prompt_ranges():
     """Capture through the Triton GEGLU (first prompt range) and statistic (second range) on the tiny
     pipeline, against unfused capture on the reference backend."""
@@ -346,3 +571,363 @@ def test_fused_capture_routes_prompt_ranges():
         for name, acc in results["triton"][part].items():
             assert (acc > 0).all(), name
             torch.testing.assert_close(acc, results["reference"][part][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- determinism and the device of a launch -----------------------------------------------------
+
+
+def _kernel_modules():
+    from memcore._kernels import geglu_accumulate as geglu_module
+    from memcore._kernels import sqnorm_accumulate as sqnorm_module
+    from memcore._kernels import wanda_mask as wanda_module
+
+    return sqnorm_module, geglu_module, wanda_module
+
+
+def test_statistics_kernels_use_no_float_atomics():
+    """Column sums go through a per-program workspace added up in program order, never through
+    atomics whose order depends on scheduling (the compiled PTX is checked below as well)."""
+    for module in _kernel_modules()[:2]:
+        assert re.search(r"\batomic_\w+\(", inspect.getsource(module)) is None, module.__name__
+
+
+def _repeat(fn, runs=2):
+    return [fn() for _ in range(runs)]
+
+
+def test_statistics_are_identical_from_run_to_run():
+    """Several programs (uneven numbers of tiles) write the workspace; two runs give the same bytes
+    (weak under the interpreter, which runs programs in order; the GPU tests repeat it there)."""
+    from memcore._kernels.sqnorm_accumulate import blocks, programs
+
+    x = _activations((40, 2048), torch.float32, seed=5).to(DEVICE)
+    _, block_r, _ = blocks(40, 2048, 8192)
+    assert programs(x.device, 40, block_r) > 1 and (40 // block_r) % programs(x.device, 40, block_r) != 0
+    acc0 = _acc0(2048).to(DEVICE)
+
+    def sqnorm_run():
+        acc = acc0.clone()
+        with use_backend("triton"):
+            sqnorm_accumulate(x, acc, 1, 39)
+        return acc.cpu().view(torch.int32)
+
+    def geglu_run():
+        acc = acc0[:1024].clone()
+        with use_backend("triton"):
+            out = geglu_accumulate(x, acc, 1, 39)
+        return acc.cpu().view(torch.int32), out.cpu().view(torch.int32)
+
+    first, second = _repeat(sqnorm_run)
+    assert torch.equal(first, second)
+    assert_statistic_close(first.view(torch.float32), x.cpu(), acc0.cpu(), 1, 39, True)
+    (acc_a, out_a), (acc_b, out_b) = _repeat(geglu_run)
+    assert torch.equal(acc_a, acc_b) and torch.equal(out_a, out_b)
+
+
+def test_device_guard_selects_the_tensors_device():
+    from memcore._kernels.sqnorm_accumulate import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))  # not entered: no CUDA needed to build it
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+class _LaunchSpy:
+    """Stands in for a kernel: records the devices of the guards active at each launch."""
+
+    def __init__(self, name, kernel, active, launches):
+        self.name, self.kernel, self.active, self.launches = name, kernel, active, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, list(self.active)))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_every_launch_runs_under_the_device_guard(monkeypatch):
+    """Triton compiles for and launches on the current device: every kernel launch of the three ops
+    happens inside device_guard(the tensors' device), on every path."""
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def spy_guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    modules = _kernel_modules()
+    kernels = set()
+    for module in modules:
+        monkeypatch.setattr(module, "device_guard", spy_guard)
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                kernels.add(name)
+                monkeypatch.setattr(module, name, _LaunchSpy(name, getattr(module, name), active, launches))
+    sqnorm_module, geglu_module, wanda_module = modules
+    x = _activations((5, 24), torch.float32, seed=1).to(DEVICE)
+    for token_norm in (True, False):
+        for max_cols in (32, 8):
+            acc, acc_geglu = torch.zeros(24, device=DEVICE), torch.zeros(12, device=DEVICE)
+            sqnorm_module.sqnorm_accumulate_triton(x, acc, 1, 4, token_norm, max_block_cols=max_cols)
+            geglu_module.geglu_accumulate_triton(x, acc_geglu, 1, 4, token_norm, max_block_cols=max_cols // 2)
+    weight, norms, null = _on_device(*_mask_inputs(3, 24, 1, seed=1))
+    wanda_module.wanda_mask_triton(weight, norms, null, 5)
+    assert {name for name, _ in launches} == kernels
+    assert all(guards == [x.device] for _, guards in launches), launches
+
+
+# --- the code the GPU runs, compiled here for sm_90 ---------------------------------------------
+
+# Runs in a subprocess without the interpreter: calls the launchers on CPU tensors with every kernel
+# launch replaced by a record of its arguments (ints equal to 1 become constants, as Triton
+# specializes them), compiles each distinct launch for sm_90 and prints, per case, the kernels with
+# their shared memory and the PTX instructions that matter.
+_COMPILE_SCRIPT = r"""
+import json, re, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
+         torch.uint8: "u8", torch.int32: "i32"}
+OPS = re.compile(r"\b((?:div|rcp|sqrt|atom|red)\.[a-z0-9_.]+)")
+launches = []
+
+def record(self, *args, grid, warmup, **kwargs):
+    sig, consts = {}, {}
+    for name, value in zip(self.arg_names, args):
+        if isinstance(value, torch.Tensor):
+            sig[name] = "*" + TYPES[value.dtype]
+        elif value == 1:
+            sig[name], consts[name] = "constexpr", 1
+        else:
+            sig[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+    for name, value in kwargs.items():
+        if name in self.arg_names:
+            sig[name], consts[name] = "constexpr", value
+    launches.append((self, sig, consts, kwargs.get("num_warps", 4)))
+
+JITFunction.run = record
+from memcore._kernels.geglu_accumulate import geglu_accumulate_triton
+from memcore._kernels.sqnorm_accumulate import sqnorm_accumulate_triton
+from memcore._kernels.wanda_mask import wanda_mask_triton
+
+results, compiled = [], {}
+for case in json.load(sys.stdin):
+    dtype, (rows, cols) = getattr(torch, case["dtype"]), case["shape"]
+    launches.clear()
+    if case["op"] == "sqnorm":
+        sqnorm_accumulate_triton(torch.ones(rows, cols, dtype=dtype), torch.zeros(cols), 0, rows, case["token_norm"])
+    elif case["op"] == "geglu":
+        geglu_accumulate_triton(torch.ones(rows, 2 * cols, dtype=dtype), torch.zeros(cols), 0, rows, case["token_norm"])
+    else:
+        norms = torch.ones(case["t"], cols)
+        wanda_mask_triton(torch.ones(rows, cols, dtype=dtype), norms, norms if case["null"] else None, case["k"], True)
+    kernels = []
+    for fn, sig, consts, warps in launches:
+        key = repr((fn.__name__, sorted(sig.items()), sorted((k, str(v)) for k, v in consts.items()), warps))
+        if key not in compiled:
+            c = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps})
+            ptx = c.asm["ptx"]
+            compiled[key] = {"kernel": fn.__name__, "constants": {k: str(v) for k, v in consts.items()},
+                             "shared": c.metadata.shared, "ops": sorted(set(OPS.findall(ptx))), "ftz": ".ftz" in ptx}
+        kernels.append(compiled[key])
+    results.append(kernels)
+json.dump(results, sys.stdout)
+"""
+
+_COMPILE_CASES = {
+    "sqnorm-fp16-1280": dict(op="sqnorm", dtype="float16", shape=[64, 1280], token_norm=True),
+    "sqnorm-fp64-1000": dict(op="sqnorm", dtype="float64", shape=[64, 1000], token_norm=True),
+    "sqnorm-bf16-1": dict(op="sqnorm", dtype="bfloat16", shape=[64, 1], token_norm=True),
+    "sqnorm-fp32-12288": dict(op="sqnorm", dtype="float32", shape=[64, 12288], token_norm=True),
+    "sqnorm-fp32-12288-raw": dict(op="sqnorm", dtype="float32", shape=[64, 12288], token_norm=False),
+    "geglu-bf16-6137": dict(op="geglu", dtype="bfloat16", shape=[64, 6137], token_norm=True),
+    "geglu-bf16-6144": dict(op="geglu", dtype="bfloat16", shape=[64, 6144], token_norm=True),
+    "geglu-fp16-12273": dict(op="geglu", dtype="float16", shape=[64, 12273], token_norm=True),
+    "geglu-fp16-12288": dict(op="geglu", dtype="float16", shape=[64, 12288], token_norm=True),
+    "geglu-fp32-1-raw": dict(op="geglu", dtype="float32", shape=[1, 1], token_norm=False),
+    "geglu-fp64-33": dict(op="geglu", dtype="float64", shape=[64, 33], token_norm=True),
+    "wanda-fp16-11641": dict(op="wanda", dtype="float16", shape=[64, 11641], t=2, null=True, k=116),
+    "wanda-fp16-11912": dict(op="wanda", dtype="float16", shape=[64, 11912], t=2, null=True, k=119),
+    "wanda-fp32-4097": dict(op="wanda", dtype="float32", shape=[64, 4097], t=1, null=True, k=40),
+    "wanda-bf16-1": dict(op="wanda", dtype="bfloat16", shape=[1, 1], t=1, null=False, k=1),
+    "wanda-fp64-k0": dict(op="wanda", dtype="float64", shape=[64, 1280], t=2, null=False, k=0),
+}
+# what one block of an H100 / H200 may use
+SHARED_MEMORY_LIMIT = 232448
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Per case of _COMPILE_CASES: the kernels its launcher runs, as compiled for sm_90."""
+    try:
+        from triton.backends import backends
+    except ImportError:
+        backends = {}
+    if "nvidia" not in backends:
+        pytest.skip("triton has no NVIDIA backend to compile with")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_SCRIPT],
+        input=json.dumps(list(_COMPILE_CASES.values())),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dict(zip(_COMPILE_CASES, json.loads(proc.stdout)))
+
+
+STAT_KERNELS = ("_sqnorm_tiles_kernel", "_sqnorm_row_norms_kernel", "_chunk_partials_kernel", "_add_partials_kernel")
+
+
+@pytest.mark.slow
+def test_compiled_kernels_fit_shared_memory(compiled):
+    for case, kernels in compiled.items():
+        assert kernels, case
+        for kernel in kernels:
+            assert kernel["shared"] <= SHARED_MEMORY_LIMIT, (case, kernel)
+    # the widths where block sizes change: one block of 8192 or 16384 columns, or chunks
+    assert {k["constants"]["BLOCK"] for c in ("wanda-fp16-11641", "wanda-fp16-11912") for k in compiled[c]} == {"16384"}
+    assert compiled["geglu-bf16-6137"][0]["constants"]["BLOCK_C"] == "8192"
+    assert compiled["geglu-fp16-12288"][0]["kernel"] == "_geglu_rows_kernel"
+
+
+@pytest.mark.slow
+def test_compiled_division_is_ieee(compiled):
+    """No approximate division or root anywhere; every kernel that normalizes rows divides with
+    div.rn (float32) or float64's div.rn."""
+    normalizing = {"_sqnorm_tiles_kernel", "_sqnorm_row_norms_kernel", "_geglu_tiles_kernel", "_geglu_rows_kernel"}
+    approximate = ("div.full", "div.approx", "rcp.approx", "sqrt.approx")
+    checked = 0
+    for case, kernels in compiled.items():
+        for kernel in kernels:
+            approx = [op for op in kernel["ops"] if op.startswith(approximate)]
+            assert not approx, (case, kernel)
+            if kernel["kernel"] in normalizing and kernel["constants"].get("TOKEN_NORM", "True") == "True":
+                wanted = "div.rn.f64" if "fp64" in case else "div.rn.f32"
+                assert wanted in kernel["ops"], (case, kernel)
+                checked += 1
+    assert checked >= 8
+
+
+@pytest.mark.slow
+def test_compiled_atomics(compiled):
+    """Statistics kernels: no atomics at all (run-to-run identical sums); wanda: only the integer OR
+    of the flag word."""
+    for case, kernels in compiled.items():
+        for kernel in kernels:
+            atomics = [op for op in kernel["ops"] if op.startswith(("atom.", "red."))]
+            if kernel["kernel"] == "_wanda_mask_kernel":
+                assert atomics and all(op.endswith(".or.b32") for op in atomics), (case, kernel)
+            else:
+                assert not atomics, (case, kernel)
+            if kernel["kernel"] in STAT_KERNELS:
+                assert not kernel["ftz"], (case, kernel)  # subnormal squares are kept, as in the reference
+
+
+# --- on a GPU: odd widths, every dtype, run-to-run determinism, a second device ------------------
+
+GPU_WIDTHS = [1, 33, 1000, 4097, 12289]  # 12289: rows wider than one block
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return a.dtype == b.dtype and torch.equal(a.view(ints[a.element_size()]), b.view(ints[b.element_size()]))
+
+
+def _with_bad_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[3] = INF
+    x[7, -1] = NAN
+    return x
+
+
+@needs_cuda
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("cols", GPU_WIDTHS)
+def test_gpu_sqnorm_accumulate_odd_widths(cols, dtype):
+    x = _with_bad_rows(_activations((300, cols), dtype, seed=cols))
+    clean = _activations((300, cols), dtype, seed=cols + 1)
+    acc0 = _acc0(cols)
+    for data, token_norm in ((x, True), (clean, False)):
+
+        def run():
+            acc = acc0.to(DEVICE, copy=True)
+            with use_backend("triton"):
+                sqnorm_accumulate(data.to(DEVICE), acc, 2, 297, token_norm)
+            return acc.cpu()
+
+        first, second = _repeat(run)
+        assert _same_bits(first, second), "two runs differ"
+        assert torch.isfinite(first).all()
+        assert_statistic_close(first, data, acc0, 2, 297, token_norm)
+
+
+@needs_cuda
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("inner", GPU_WIDTHS)
+def test_gpu_geglu_accumulate_odd_widths(inner, dtype):
+    p = _proj_out((300,), inner, dtype, seed=inner)
+    p[3, :inner] = INF
+    for token_norm in (True, False):
+        if not token_norm:
+            p = _proj_out((300,), inner, dtype, seed=inner + 1)
+        acc0 = _acc0(inner)
+
+        def run():
+            acc = acc0.to(DEVICE, copy=True)
+            with use_backend("triton"):
+                out = geglu_accumulate(p.to(DEVICE), acc, 2, 297, token_norm)
+            return out.cpu(), acc.cpu()
+
+        (out, acc), (out2, acc2) = _repeat(run)
+        assert _same_bits(acc, acc2) and _same_bits(out, out2), "two runs differ"
+        want = geglu_accumulate_reference(p, acc0.clone(), 2, 297, token_norm)
+        assert torch.equal(out.isfinite(), want.isfinite())
+        assert_geglu_close_where_finite(out, want, p)
+        assert_statistic_close(acc, out, acc0, 2, 297, token_norm)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("cols", [1, 33, 1000, 4097, 11641])
+def test_gpu_wanda_mask_odd_widths(cols, dtype):
+    weight, norms, null = _mask_inputs(40, cols, 3, seed=cols, dtype=dtype)
+    for k in sorted({0, 1, cols // 3, cols}):
+        for largest in (True, False):
+            want = wanda_mask_reference(weight, norms, null, k, largest)
+            runs = _repeat(lambda: _wanda_triton(weight, norms, null, k, largest))
+            assert_mask_equal(runs[0][0], want, cols)
+            assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1].item() == runs[1][1].item() == 0
+    weight[39, cols - 1] = NAN
+    assert _wanda_triton(weight, norms, null, 1)[1].item() == 1
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_gpu_second_device():
+    """Tensors on cuda:1 while cuda:0 is current: the kernels run there (and give the right values)."""
+    device = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    x = _activations((64, 1280), torch.float16, seed=3)
+    weight, norms, null = _mask_inputs(8, 100, 2, seed=3)
+    acc, acc_geglu = torch.zeros(1280, device=device), torch.zeros(640, device=device)
+    with use_backend("triton"):
+        sqnorm_accumulate(x.to(device), acc)
+        out = geglu_accumulate(x.to(device), acc_geglu)
+        mask = wanda_mask(weight.to(device), norms.to(device), null.to(device), 10)
+    assert torch.cuda.current_device() == 0
+    assert_statistic_close(acc.cpu(), x, torch.zeros(1280))
+    assert_statistic_close(acc_geglu.cpu(), out.cpu(), torch.zeros(640))
+    assert_mask_equal(mask.cpu(), wanda_mask_reference(weight, norms, null, 10), 100)

@@ -144,8 +144,7 @@ def _native(weight, norms, null_norms, k, largest):
 def _triton(weight, norms, null_norms, k, largest):
     from memcore._kernels.wanda_mask import wanda_mask_triton
 
-    # TODO(kernel flag): as for _native.
-    return wanda_mask_triton(weight, norms, null_norms, k, largest), nonfinite_flags(weight, norms, null_norms)
+    return wanda_mask_triton(weight, norms, null_norms, k, largest)  # the kernel sets the flag word
 
 
 def _reference(weight, norms, null_norms, k, largest):
