@@ -57,12 +57,13 @@ log() { echo "gpu_check: $*"; }
 elapsed() { echo $(( SECONDS - START )); }
 
 summary() {  # [--preflight-error MSG]: write summary.txt; print it
-  "$PY" tools/gpu_check.py summary --work "$WORK" --out "$OUT" --seconds "$(elapsed)" $DRYFLAG "$@"
+  timeout 60 "$PY" tools/gpu_check.py summary --work "$WORK" --out "$OUT" --seconds "$(elapsed)" $DRYFLAG "$@"
 }
 
 preflight() {  # STAGE [ARGS]: one line and exit 2 on failure
   local output rc
-  output=$("$PY" tools/gpu_check.py preflight "$@" $CPUFLAG 2>&1); rc=$?
+  output=$(timeout -k 5 90 "$PY" tools/gpu_check.py preflight "$@" $CPUFLAG 2>&1); rc=$?
+  (( rc == 124 || rc == 137 )) && output+=$'\n'"gpu_check: preflight: the $1 check did not finish within 90 s"
   echo "$output" >> "$WORK/preflight.log"
   if (( rc != 0 )); then
     local line
@@ -109,7 +110,7 @@ skip_phase() {  # NAME REASON
 main() {
   # --- preflight and build ------------------------------------------------------------------
   if compgen -G ".whl/*.whl" > /dev/null; then
-    "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    timeout -k 5 120 "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       >> "$WORK/preflight.log" 2>&1 || { echo "gpu_check: preflight: installing the wheels in .whl/ failed: $(tail -n 1 "$WORK/preflight.log")"; summary --preflight-error "installing the wheels in .whl/ failed" > /dev/null; exit 2; }
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   fi
@@ -135,11 +136,11 @@ main() {
   preflight build
   {
     echo "== device"; cat "$WORK/device.txt"; echo
-    nvidia-smi 2>&1 || true; echo
-    echo "== memcore env"; "$PY" -m memcore env 2>&1; echo
+    timeout 30 nvidia-smi 2>&1 || true; echo
+    echo "== memcore env"; timeout 60 "$PY" -m memcore env 2>&1; echo
     echo "== versions"
-    "$PY" -c "import sys, torch, diffusers, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1
-    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+    timeout 60 "$PY" -c "import sys, torch, diffusers, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)" 2>&1
+    timeout 60 "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
     nvcc --version 2>&1 | tail -n 2
     echo "commit $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git status --porcelain 2>/dev/null | grep -q . && echo ' (with local changes)')"
     echo; echo "== build (${build_s} s)"; cat "$WORK/build.log" 2>/dev/null
@@ -149,8 +150,8 @@ main() {
   # --- stage 1: a. tests, b. sanitizer --------------------------------------------------------
   local reserve_after_1=90 reserve_after_2=60   # minimum kept for stage 2 + 3, and for stage 3
   local pytest_args=(-p gpu_pytest_log -q -rfE --tb=short -p no:cacheprovider)
-  "$PY" -c "import xdist" 2>/dev/null && pytest_args+=(-n "${MEMCORE_GPU_CHECK_WORKERS:-6}")
-  "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)
+  timeout 30 "$PY" -c "import xdist" 2>/dev/null && pytest_args+=(-n "${MEMCORE_GPU_CHECK_WORKERS:-6}")
+  timeout 30 "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_args+=(--timeout 120)
   # shellcheck disable=SC2086  # TESTS is a list of paths
   run_phase tests 150 "$reserve_after_1" "$OUT/tests.log" \
     env GPU_CHECK_TESTS_JSONL="$WORK/tests.jsonl" PYTHONPATH="$PWD/tools${PYTHONPATH:+:$PYTHONPATH}" \
@@ -208,7 +209,7 @@ main() {
   for name in bench_mask bench_capture; do
     [[ -f $WORK/$name.log ]] && log "$name: $(grep -E '(passed|failed|error|skipped).* in [0-9.]+s' "$WORK/$name.log" | tail -n 1)"
   done
-  "$PY" tools/gpu_check.py bench-report --work "$WORK" --out "$OUT" || log "bench report failed"
+  timeout 60 "$PY" tools/gpu_check.py bench-report --work "$WORK" --out "$OUT" || log "bench report failed"
 
   # --- summary --------------------------------------------------------------------------------
   echo
