@@ -8,10 +8,17 @@ appears later is picked up without editing the benchmarks.
 
 The device is CUDA when ``torch.cuda.is_available()``, else the CPU. Triton is never benchmarked on
 the CPU (its interpreter is a debugging aid, not a backend to time).
+
+Environment: ``MEMCORE_BENCH_SMOKE=1`` shrinks every benchmark to toy shapes and short budgets (to
+run the benchmark code itself on the CPU in seconds; the numbers mean nothing);
+``MEMCORE_BENCH_JSONL=FILE`` appends one line per finished benchmark to FILE (tests/bench/conftest.py),
+so a run killed by a time limit keeps what it measured.
 """
 
 from __future__ import annotations
 
+import os
+import statistics
 import time
 from collections.abc import Callable
 from types import ModuleType
@@ -27,8 +34,10 @@ PROVIDERS = ("reference", "cuda", "triton") if ON_CUDA else ("reference", "cpu")
 # fastest first, as memcore's dispatcher prefers them
 _SPEED_ORDER = ("cuda", "triton", "cpu", "reference")
 
+SMOKE = os.environ.get("MEMCORE_BENCH_SMOKE", "") not in ("", "0")
+
 # time each benchmark for about this long (seconds), within [MIN_ROUNDS, MAX_ROUNDS] rounds
-BUDGET_S = 1.0 if ON_CUDA else 3.0
+BUDGET_S = 0.05 if SMOKE else 1.0 if ON_CUDA else 3.0
 MIN_ROUNDS = 3 if ON_CUDA else 2
 MAX_ROUNDS = 100 if ON_CUDA else 20
 
@@ -104,3 +113,48 @@ def record(benchmark, **info) -> None:
 
 def gbps(nbytes: int, seconds: float) -> float:
     return round(nbytes / seconds / 1e9, 1) if seconds > 0 else float("nan")
+
+
+def device_time(fn: Callable[[], object]) -> float:
+    """Seconds ``fn`` keeps the device busy, from its first launch to its last completion: CUDA events
+    on the current stream around one call (synchronized), ``time.perf_counter`` on the CPU."""
+    if not ON_CUDA:
+        return _time_once(fn)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
+def kernel_times(fn: Callable[[], object], repeats: int) -> tuple[list[float], str]:
+    """Device-only seconds per call of ``fn`` (already warmed up), ``repeats`` times, and the method.
+
+    On CUDA ``fn`` is captured into a CUDA graph once and each replay is timed with CUDA events:
+    host-side work (validation, dispatch, launch latency) drops out and what remains is the kernels
+    back to back. Code that cannot be captured is timed with events around eager calls instead (the
+    method says so). On the CPU there is no such split: ``time.perf_counter`` around each call.
+    """
+    if not ON_CUDA:
+        return [_time_once(fn) for _ in range(repeats)], "perf_counter"
+    replay, method = fn, "events"
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up on a side stream, as graph capture wants
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        replay, method = graph.replay, "graph"
+        replay()
+    except Exception as exc:  # noqa: BLE001 - any capture failure falls back to eager timing
+        method = f"events (no graph: {type(exc).__name__})"
+    synchronize()
+    return [device_time(replay) for _ in range(repeats)], method
+
+
+def median_ms(seconds: list[float]) -> float:
+    return round(1e3 * statistics.median(seconds), 4)
