@@ -30,7 +30,7 @@ int openmp_threads();
 // Bits of the wanda flag word (memcore/ops/wanda_mask.py): which input holds a NaN or an inf.
 constexpr int32_t kBadWeight = 1, kBadNorms = 2, kBadNullNorms = 4;
 
-// The memorized-neuron mask of one layer (memcore/ops/wanda_mask.py, SPEC section 3), bit-exact with
+// The memorized-neuron mask of one layer (memcore/ops/wanda_mask.py, docs/method.md section 3), bit-exact with
 // wanda_mask_reference. w: row-major contiguous [out, in] in `dtype` (float64 is rounded to float32
 // first); norms, null: float32 contiguous [T, in] (null may be nullptr: no null condition);
 // mask: uint8 [out, ceil(in / 8)], fully written (bit b of byte c = column 8c + b, padding zero).

@@ -1,6 +1,6 @@
 // wanda_mask, CPU backend (C++17, OpenMP): bit-exact with wanda_mask_reference.
 //
-// For each row r of W[out, in] and each t < T (SPEC section 3):
+// For each row r of W[out, in] and each t < T (docs/method.md section 3):
 //   S[j] = |W[r, j]| * norms[t, j]                (float32 product, one rounding)
 //   top  = the k largest (or smallest) S[j], ties -> the lower column index
 //   M    = top AND S[j] > |W[r, j]| * null[t, j]  (only with null norms)

@@ -1,6 +1,6 @@
 """Triton kernel of memcore::wanda_mask (see ``memcore/ops/wanda_mask.py``); bit-exact with its reference.
 
-Math, for row r of ``W[out, in]`` and each t < T (SPEC section 3)::
+Math, for row r of ``W[out, in]`` and each t < T (docs/method.md section 3)::
 
     S_mem[j]  = |W[r, j]| * norms[t, j]            (float32 product)
     top[j]    = j among the k largest (LARGEST) or k smallest S_mem; ties: the lower column wins
@@ -158,7 +158,7 @@ def wanda_mask_triton(
     k: int,
     largest: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed mask ``uint8[out, ceil(in / 8)]`` of SPEC section 3 (see the module docstring) and the
+    """The packed mask ``uint8[out, ceil(in / 8)]`` of docs/method.md section 3 (see the module docstring) and the
     int32[1] flag word of the inputs holding NaN or inf (bits BAD_WEIGHT, BAD_NORMS, BAD_NULL_NORMS),
     both on weight's device; the kernel sets the flags while it reads the values for the mask."""
     if weight.dim() != 2 or not weight.is_floating_point():

@@ -45,7 +45,7 @@ from memcore.errors import Call, MemcoreError, Param
 from memcore.io import atomic_file
 from memcore.mask import Mask
 
-# Settings two masks must share to be compared (SPEC sections 2 and 3).
+# Settings two masks must share to be compared (docs/method.md sections 2 and 3).
 COMPARED_KEYS = (
     "weights_sha256",
     "target",

@@ -4,7 +4,7 @@ Diffusers ``ModelHook`` objects sharing one :class:`CaptureState`:
 
 - a counter on the denoiser, which advances the call index before each denoiser call;
 - on each target whose input is a GEGLU's output, a hook that replaces that GEGLU's forward with
-  :func:`memcore.ops.geglu_accumulate`, which adds the statistic of its output X (SPEC section 2) to
+  :func:`memcore.ops.geglu_accumulate`, which adds the statistic of its output X (docs/method.md section 2) to
   the accumulator of this layer and call while computing X: no extra pass over X;
 - on any other target Linear, a hook that adds the statistic of its input with
   :func:`memcore.ops.sqnorm_accumulate`.

@@ -75,7 +75,7 @@ class _TruncationCounter(logging.Filter):
 def truncation_reported_once(pipe) -> Iterator[None]:
     """Within the block, the pipeline's per-batch warning about prompts longer than its text
     encoder's limit (CLIP: 77 tokens) becomes one line at the end. Truncating is what the pipeline
-    does and what the method expects (SPEC section 2); the warning only repeats it."""
+    does and what the method expects (docs/method.md section 2); the warning only repeats it."""
     source = logging.getLogger(type(pipe).__module__)
     counter = _TruncationCounter()
     source.addFilter(counter)

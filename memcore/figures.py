@@ -42,7 +42,7 @@ _ABBREVIATIONS = {
     "blocks": "b",
     "layers": "l",
 }
-# The FFN's own path inside a transformer block (SPEC section 1): the same in every layer, so dropped.
+# The FFN's own path inside a transformer block (docs/method.md section 1): the same in every layer, so dropped.
 _FFN_SUFFIX = re.compile(r"\.ff\.net\.\d+$")
 
 

@@ -8,7 +8,7 @@ from memcore.stats import Statistics, collect_stats, collect_subset_stats
 
 
 def localize(pipe, prompts: list[str], config: LocalizeConfig | None = None) -> tuple[Mask, Statistics]:
-    """Find the memorized neurons of ``pipe`` for ``prompts`` (SPEC sections 2 and 3).
+    """Find the memorized neurons of ``pipe`` for ``prompts`` (docs/method.md sections 2 and 3).
 
     Returns the mask and the statistics it was computed from (save them to recompute masks for
     other sparsities or tau without running the model again).

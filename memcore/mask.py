@@ -1,4 +1,4 @@
-"""The mask of memorized neurons (SPEC section 3) and its file.
+"""The mask of memorized neurons (docs/method.md section 3) and its file.
 
 File layout (safetensors): one uint8 tensor per target Linear, keyed by the Linear's full module
 name, shaped [out, ceil(in / 8)], holding ``numpy.packbits(mask, axis=1, bitorder="little")``; with
@@ -126,7 +126,7 @@ def compute_mask(
     per_step: bool = False,
     force: bool = False,
 ) -> Mask:
-    """Score every target weight against ``stats`` and select the memorized neurons (SPEC section 3).
+    """Score every target weight against ``stats`` and select the memorized neurons (docs/method.md section 3).
 
     Args:
         model: the pipeline whose weights are scored (the one the stats came from), or its denoiser

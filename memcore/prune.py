@@ -1,4 +1,4 @@
-"""Deleting the memorized neurons: W[mask] = 0 in place (SPEC section 4)."""
+"""Deleting the memorized neurons: W[mask] = 0 in place (docs/method.md section 4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Statistics of the memorized prompts and of the empty prompt (SPEC section 2), and their file."""
+"""Statistics of the memorized prompts and of the empty prompt (docs/method.md section 2), and their file."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def collect_stats(pipe, prompts: list[str], config: LocalizeConfig | None = None
     """Run the first ``config.timesteps`` denoiser calls for ``prompts`` and for "" and collect statistics.
 
     Every prompt starts from the same initial latent; the empty prompt runs once and its statistics
-    are multiplied by the number of prompts (SPEC section 2).
+    are multiplied by the number of prompts (docs/method.md section 2).
     """
     return collect_subset_stats(pipe, {"": prompts}, config)[""]
 
@@ -119,7 +119,7 @@ def collect_subset_stats(
 
     Each distinct prompt is generated once, in batches that may span subsets, and its statistics are
     routed to the subsets it belongs to. The empty prompt runs once; each subset's null statistic is
-    that run times the subset's number of prompts (SPEC section 2).
+    that run times the subset's number of prompts (docs/method.md section 2).
     """
     from memcore.capture import CaptureState, apply_capture
     from memcore.driver import initial_latent, is_guided, run_first_calls, truncation_reported_once

@@ -2,7 +2,7 @@
 
 A *target family* names which Linear layers are scored (their input statistics, their weights):
 
-- ``ffn`` (the default, SPEC section 1): the last Linear of every diffusers ``FeedForward`` in the
+- ``ffn`` (the default, docs/method.md section 1): the last Linear of every diffusers ``FeedForward`` in the
   denoiser. Whatever the activation (GEGLU in Stable Diffusion, tanh-GELU in PixArt), the statistics
   are those of that Linear's input.
 - ``attn2.to_k`` and ``attn2.to_v``: the key and value projections of every cross-attention of the

@@ -46,7 +46,7 @@ def stored_inputs(pipe, prompts, steps=None):
 
 
 def statistic(x, rows, token_norm):
-    """SPEC section 2 written out: sum over rows of xhat^2 (float64), rows 'both' or 'cond'."""
+    """docs/method.md section 2 written out: sum over rows of xhat^2 (float64), rows 'both' or 'cond'."""
     x = x.double()
     if rows == "cond":
         x = x[x.shape[0] // 2 :]

@@ -111,7 +111,7 @@ def test_sd1_and_sd2_have_16_geglu_layers(file):
     assert targets[0].name == "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
     assert targets[6].name == "mid_block.attentions.0.transformer_blocks.0.ff.net.2"
     assert targets[-1].name == "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2"
-    assert sum(t.linear.weight.numel() for t in targets) == 49_561_600  # SPEC section 1
+    assert sum(t.linear.weight.numel() for t in targets) == 49_561_600  # docs/method.md section 1
 
 
 def test_sd21_uses_linear_projections_and_per_block_heads():

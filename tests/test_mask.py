@@ -1,4 +1,4 @@
-"""Masks on the tiny model against SPEC section 3, the mask file, and pruning in Python."""
+"""Masks on the tiny model against docs/method.md section 3, the mask file, and pruning in Python."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""wanda_mask against a brute force written from SPEC section 3 with plain Python/numpy loops.
+"""wanda_mask against a brute force written from docs/method.md section 3 with plain Python/numpy loops.
 
 Masks compare exactly (packed bytes), over odd widths, ties, zero and negative weights, -0.0,
 k in {0, 1, in}, both selection directions, with and without null norms, fp16/bf16 weights.
@@ -242,7 +242,7 @@ def test_sd_layer_shape_against_lexsort(backend):
 
 # --- the C++ backend against the reference, byte for byte ----------------------------------------
 
-# SPEC section 1: the 16 ff.net.2 layers of SD 1.5, [out, in]
+# docs/method.md section 1: the 16 ff.net.2 layers of SD 1.5, [out, in]
 SD15_LAYERS = (
     [(f"down_blocks.0.attentions.{i}", 320, 1280) for i in range(2)]
     + [(f"down_blocks.1.attentions.{i}", 640, 2560) for i in range(2)]

@@ -7,8 +7,8 @@ For the output P of a GEGLU's projection (``ff.net.0.proj``; any leading shape, 
     acc[j] += sum over rows r in [row_start, row_end) of xhat[r, j]^2   (see sqnorm_accumulate)
 
 and returns X (shape ``P.shape[:-1] + (i,)``, P's dtype). X is the input of ``ff.net.2``, the layer
-memcore prunes (SPEC section 1), so one fused pass produces both the activation the model needs and
-the statistic of SPEC section 2 while X is in registers: no extra read of X (SPEC section 6).
+memcore prunes (docs/method.md section 1), so one fused pass produces both the activation the model needs and
+the statistic of docs/method.md section 2 while X is in registers: no extra read of X (docs/method.md section 6).
 
 The statistic is that of X as returned, i.e. of the rounded output rows, so
 ``geglu_accumulate(P, acc)`` adds exactly what ``sqnorm_accumulate(X, acc)`` would add.
@@ -113,7 +113,7 @@ def geglu_accumulate(
         acc: float32 accumulator of shape [inner] on P's device, updated in place.
         row_start, row_end: the rows of X viewed as [-1, inner] whose statistic is added (default:
             all); X is computed for every row.
-        token_norm: L2-normalize each row of X over features before squaring (SPEC section 2).
+        token_norm: L2-normalize each row of X over features before squaring (docs/method.md section 2).
 
     Returns:
         X, of shape ``proj_out.shape[:-1] + (inner,)`` in P's dtype.

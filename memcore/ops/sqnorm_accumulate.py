@@ -6,7 +6,7 @@ range of rows [row_start, row_end), it adds to a float32 accumulator ``acc[j]``:
     acc[j] += sum_r xhat[r, j]^2,   xhat[r] = X[r] / ||X[r]||_2   (token_norm=True)
     acc[j] += sum_r X[r, j]^2                                       (token_norm=False)
 
-This is the statistic of SPEC section 2 (``norm = sqrt(acc)`` is Wanda's activation norm), and it is
+This is the statistic of docs/method.md section 2 (``norm = sqrt(acc)`` is Wanda's activation norm), and it is
 what other pruning code needs for Wanda on any Linear: feed it the Linear's input.
 
 With ``token_norm``, a row whose squared norm ``sum_j X[r, j]^2`` (exact, i.e. float64 for 16- and
@@ -122,7 +122,7 @@ def sqnorm_accumulate(
         x: activations, any leading shape, features last (float16, bfloat16, float32 or float64).
         acc: float32 accumulator of shape [features] on x's device, updated in place.
         row_start, row_end: the rows of x viewed as [-1, features] to use (default: all).
-        token_norm: L2-normalize each row over features before squaring (SPEC section 2).
+        token_norm: L2-normalize each row over features before squaring (docs/method.md section 2).
     """
     end = _validate(x, acc, row_start, row_end)
     if end == row_start:

@@ -1,7 +1,7 @@
 """wanda_mask: the memorized-neuron mask of one layer from its weights and activation norms.
 
 For a weight ``W[out, in]``, memorized-prompt norms ``norm_mem[T, in]`` (one row per selected call
-index t) and optional null-prompt norms ``norm_null[T, in]`` (SPEC section 3)::
+index t) and optional null-prompt norms ``norm_null[T, in]`` (docs/method.md section 3)::
 
     S_mem[t][r, j]  = |W[r, j]| * norm_mem[t, j]          (float32 product, Wanda score)
     S_null[t][r, j] = |W[r, j]| * norm_null[t, j]         (float32 product)
@@ -222,7 +222,7 @@ def _raise_nonfinite(flags: torch.Tensor) -> None:
 def wanda_mask(
     weight: torch.Tensor, norms: torch.Tensor, null_norms: torch.Tensor | None, k: int, largest: bool = True
 ) -> torch.Tensor:
-    """The bit-packed mask of SPEC section 3 for one layer (see the module docstring).
+    """The bit-packed mask of docs/method.md section 3 for one layer (see the module docstring).
 
     Args:
         weight: ``W[out, in]``, any floating dtype (scores are computed in float32).

@@ -1,4 +1,4 @@
-"""Benchmark of statistics collection on an SD 1.5-sized UNet (SPEC section 6: target <= 3% overhead).
+"""Benchmark of statistics collection on an SD 1.5-sized UNet (docs/method.md section 6: target <= 3% overhead).
 
 The UNet has SD 1.5's published architecture (tests/configs/sd15_unet.json) with random weights,
 built once per module: float32 on the CPU, 2 calls at 256 px (latent 32 x 32); float16 on CUDA, 4

@@ -1,4 +1,4 @@
-"""Benchmark of the statistics ops at the distinct SD 1.5 layer shapes (SPEC sections 2 and 6).
+"""Benchmark of the statistics ops at the distinct SD 1.5 layer shapes (docs/method.md sections 2 and 6).
 
 Per shape (inner width, tokens per image) and guidance batch (rows = batch * tokens), side by side:
 
@@ -24,7 +24,7 @@ from benchutil import DEVICE, ON_CUDA, PROVIDERS, gbps, measure, record, require
 sq = pytest.importorskip("memcore.ops.sqnorm_accumulate")
 from memcore.ops import use_backend  # noqa: E402
 
-# (inner features of ff.net.2, tokens per image at 512 px): SPEC section 1's distinct shapes
+# (inner features of ff.net.2, tokens per image at 512 px): docs/method.md section 1's distinct shapes
 SHAPES = [(1280, 4096), (2560, 1024), (5120, 256), (5120, 64)]
 BATCHES = (2, 16)
 CASES = [(inner, tokens, batch) for inner, tokens in SHAPES for batch in BATCHES]

@@ -1,4 +1,4 @@
-"""Benchmark of wanda_mask over the 16 target layers of Stable Diffusion 1.5 (SPEC sections 3 and 6).
+"""Benchmark of wanda_mask over the 16 target layers of Stable Diffusion 1.5 (docs/method.md sections 3 and 6).
 
 One timed call masks all 16 layers (k = floor(0.01 * in)) for T call indices, with random weights
 (fp16 on CUDA, fp32 on the CPU) and random positive norms and null norms. Reading W once is the floor
@@ -27,7 +27,7 @@ from benchutil import DEVICE, ON_CUDA, PROVIDERS, SMOKE, fastest, gbps, kernel_t
 wanda = pytest.importorskip("memcore.ops.wanda_mask")
 from memcore.ops import use_backend  # noqa: E402
 
-# SPEC section 1: the ff.net.2 weights [out, in] of SD 1.5 in forward-execution order
+# docs/method.md section 1: the ff.net.2 weights [out, in] of SD 1.5 in forward-execution order
 # (down_blocks.0-2 two each, mid_block one, up_blocks.1-3 three each)
 LAYERS = [(320, 1280)] * 2 + [(640, 2560)] * 2 + [(1280, 5120)] * 3 + [(1280, 5120)] * 3 + [(640, 2560)] * 3 + [
     (320, 1280)
