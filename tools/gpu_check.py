@@ -121,7 +121,13 @@ def preflight_build(cpu: bool) -> int:
         except Exception as exc:  # noqa: BLE001 - e.g. MEMCORE_BACKEND naming a backend that cannot run
             return fail_line(f"backend selection for {op} on {device.type} tensors failed: {exc}")
         if chosen != want:
-            return fail_line(f"backend {chosen!r}, not {want!r}, is chosen for {op} on {device.type} tensors (MEMCORE_BACKEND={os.environ.get('MEMCORE_BACKEND', '')!r})")
+            from memcore.ops import _ext
+
+            status = getattr(_ext, "cuda_backend_status", lambda: "")()  # the device probe, where there is one
+            return fail_line(
+                f"backend {chosen!r}, not {want!r}, is chosen for {op} on {device.type} tensors "
+                f"(MEMCORE_BACKEND={os.environ.get('MEMCORE_BACKEND', '')!r}{'; cuda: ' + status if status else ''})"
+            )
     return 0
 
 

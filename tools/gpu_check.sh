@@ -46,10 +46,12 @@ if (( DRY )); then
 else
   DEVICE=cuda DTYPE=float16 DRYFLAG= CPUFLAG=
 fi
-# the test files of phase a: the GPU tests, then suites whose default device becomes CUDA (float16)
+# the test files of phase a: the GPU tests (and the CUDA launch plans against this build's kernels,
+# where they exist), then suites whose default device becomes CUDA (float16)
 # on a GPU machine (CLI, generate, targets, families, capture, examples) or that check CUDA stays
 # uninitialized (lean import); overridable, e.g. for a dry run
-TESTS=${MEMCORE_GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_triton.py tests/test_cli.py tests/test_generate.py tests/test_targets.py tests/test_families.py tests/test_capture.py tests/test_lean_import.py tests/test_examples.py}
+TESTS=${MEMCORE_GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_triton.py tests/test_cuda_launch.py tests/test_cli.py tests/test_generate.py tests/test_targets.py tests/test_families.py tests/test_capture.py tests/test_lean_import.py tests/test_examples.py}
+TESTS=$(for f in $TESTS; do [[ -e $f ]] && echo "$f"; done)  # files this checkout has
 FAMILIES=${MEMCORE_GPU_CHECK_FAMILIES:-tiny tiny-sd2 tiny-sdxl tiny-pixart tiny-sd3}
 MIN_PHASE=10  # a phase with less time than this is skipped
 
