@@ -209,6 +209,13 @@ FUNCTION_COMMANDS = {
 class FlagWords:
     """Spells the parameters a :class:`MemcoreError` mentions as the flags of ``command``.
 
+    ``error.render(FlagWords(parser, "localize"))`` turns the library's words into the terminal's::
+
+        sparsity: must be in (0, 1], got 2              --sparsity: must be in (0, 1], got 2
+        out_dir x: already exists                       --out x: already exists
+        ...; pass force=True to apply it anyway         ...; use --force to apply it anyway
+        ... with per_step=True (compute_mask(...))      ... with --per-step (memcore mask --per-step)
+
     A parameter is looked up by its dest among the options of ``command`` first, then of the other
     commands; one that no command has as an option (a positional argument) keeps its library words.
     """
@@ -224,15 +231,18 @@ class FlagWords:
     def __call__(self, mention: Mention) -> str:
         if isinstance(mention, Call):
             command = FUNCTION_COMMANDS.get(mention.function)
-            flags = [self.flag(p, command) for p in mention.params] if command else [None]
-            return mention.python() if None in flags else " ".join(["memcore", command, *flags])
+            flags = [self.flag(p, command) for p in mention.params] if command else None
+            if flags is None or None in flags:
+                return mention.python()
+            return " ".join(["memcore", command, *flags])
         flag = self.flag(mention, self.command)
         if flag is None:
             return mention.python()
         return f"use {flag}" if isinstance(mention, Pass) else flag
 
     def flag(self, param: Param, command: str) -> str | None:
-        """``--force`` for force=True, ``--model PATH`` for model=PATH, ``--out`` for out_dir; None if no flag says it."""
+        """``--force`` for force=True, ``--model PATH`` for model=PATH, ``--out`` for out_dir; None where
+        no flag says it."""
         dest, value = LIBRARY_DESTS.get(param.name, param.name), param.value
         if param.name in NEGATED_DESTS:
             dest, value = NEGATED_DESTS[param.name], None if value is None else not value

@@ -7,13 +7,10 @@ words::
     sparsity: must be in (0, 1], got 2
     the mask was made from other weights (...); pass force=True to apply it anyway
 
-and the CLI renders the same error in its flags (:meth:`MemcoreError.render`)::
-
-    --sparsity: must be in (0, 1], got 2
-    the mask was made from other weights (...); use --force to apply it anyway
-
-The CLI prints a :class:`MemcoreError` as one line and exits with code 2; anything else is a bug and
-keeps its traceback.
+A front end with other names for the parameters spells them its own way with
+:meth:`MemcoreError.render` (the CLI writes its flags: ``memcore.cli.FlagWords``). The CLI prints a
+:class:`MemcoreError` as one line and exits with code 2; anything else is a bug and keeps its
+traceback.
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ from dataclasses import dataclass
 class Param:
     """A parameter a message names, with the value it would take (``None``: the parameter itself).
 
-    In Python words ``per_step=True``, ``model=PATH`` or ``out``; the CLI writes its flag:
-    ``--per-step``, ``--model PATH``, ``--out``.
+    In Python words ``per_step=True``, ``model=PATH`` or ``out``; the CLI writes its flag.
     """
 
     name: str
@@ -40,7 +36,7 @@ class Param:
 
 @dataclass(frozen=True)
 class Pass(Param):
-    """Advice to set a parameter: ``pass force=True`` in Python words, ``use --force`` on the command line."""
+    """Advice to set a parameter: ``pass force=True`` in Python words; the CLI advises its flag."""
 
     value: object = True
 
@@ -51,7 +47,7 @@ class Pass(Param):
 @dataclass(frozen=True)
 class Call:
     """A library function with some of its parameters: ``compute_mask(per_step=True)`` in Python
-    words; the CLI writes the command that runs it, ``memcore mask --per-step``."""
+    words; the CLI names the command that runs it."""
 
     function: str
     params: tuple[Param, ...] = ()

@@ -128,15 +128,18 @@ def collect_subset_stats(
     config = config or LocalizeConfig()
     for name, prompts in subsets.items():
         if not prompts:
-            param, where = ("subsets", f"subset {name} has") if name else ("prompts", "has")
-            raise MemcoreError(f"{where} no prompts to localize", param=param)
+            if name:
+                raise MemcoreError(f"subset {name} is empty; nothing to localize", param="subsets")
+            raise MemcoreError("empty; nothing to localize", param="prompts")
     if not subsets:
-        raise MemcoreError("no prompt subsets to localize", param="subsets")
+        raise MemcoreError("empty; nothing to localize", param="subsets")
     generation = resolve_generation(pipe, config)
     tau = config.timesteps
     total_calls = len(generation.call_timesteps)
     if tau > total_calls:
-        raise MemcoreError(f"{tau} is more than the {total_calls} denoiser calls of {generation.steps} steps", param="timesteps")
+        raise MemcoreError(
+            f"{tau} is more than the {total_calls} denoiser calls of {generation.steps} steps", param="timesteps"
+        )
 
     net = denoiser(pipe)
     targets = find_targets(pipe, config.target)

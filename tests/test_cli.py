@@ -290,3 +290,166 @@ def test_iou_of_two_masks_without_per_step(tmp_path, capsys, prompt_file):
     assert 0 < summary["iou_chance"] < summary["iou"] and len(summary["layers"]) == 16
     code, _, err = run(capsys, "analyze", *paths, "--out", tmp_path / "analysis")
     assert code == 2 and "per-step" in err and "memcore iou" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# The library's errors name parameters; the terminal shows the same errors in flags.
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Statistics (tau 2), their mask and three masks without per-step data, saved; the tiny pipeline."""
+    from memcore.config import LocalizeConfig
+    from memcore.mask import compute_mask
+    from memcore.models import load_pipeline
+    from memcore.stats import collect_stats
+
+    folder = tmp_path_factory.mktemp("saved")
+    pipe = load_pipeline("tiny", device="cpu", dtype="float32")
+    config = LocalizeConfig(timesteps=2, height=64, width=64, progress=False)
+    stats = collect_stats(pipe, ["a painting of a fox", "the great wave"], config)
+    stats.save(folder / "stats.safetensors")
+    for i, sparsity in enumerate((0.05, 0.1, 0.2)):
+        compute_mask(pipe, stats, sparsity=sparsity).save(folder / f"mask{i}.safetensors")
+    return folder
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the model is loaded: bad arguments are refused first."""
+    import memcore.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(memcore.models, "load_pipeline", refuse)
+
+
+def error_line(capsys, tmp_path, argv) -> str:
+    before = set(os.listdir(tmp_path))
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and "Traceback" not in err, (out, err)
+    assert set(os.listdir(tmp_path)) == before, "an output was left behind"
+    return err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--sparsity", "2"], "--sparsity: must be in (0, 1], got 2.0"),
+        (["--timesteps", "0"], "--timesteps: must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["--steps", "0"], "--steps: must be at least 1, got 0"),
+        (["--height", "12"], "--height: must be a positive multiple of 8, got 12"),
+        (["--target", ""], "--target: empty; choose one of ffn, attn2.to_k, attn2.to_v, text-mlp or a regular expression"),
+        (["--out", "{tmp}"], "--out {tmp}: is a directory"),
+        (["--stats-out", "/nonexistent/s.safetensors"], "--stats-out /nonexistent/s.safetensors: folder /nonexistent does not exist"),
+    ],
+)
+def test_localize_refuses_bad_values_in_flags_before_loading(tmp_path, capsys, prompt_file, no_model, args, line):
+    argv = ["localize", "--model", "tiny", "--prompts", prompt_file, "--out", tmp_path / "m.safetensors"]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    assert error_line(capsys, tmp_path, argv) == "memcore localize: error: " + line.format(tmp=tmp_path)
+
+
+def test_localize_subsets_refuses_one_folder_for_both(tmp_path, capsys, prompt_file, no_model):
+    argv = ["localize", "--model", "tiny", "--subsets", prompt_file, "--out", tmp_path / "o", "--stats-out", tmp_path / "o"]
+    assert error_line(capsys, tmp_path, argv) == "memcore localize: error: --stats-out: must be another folder than --out"
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--sparsity", "0"], "--sparsity: must be in (0, 1], got 0.0"),
+        (["--timesteps", "0"], "--timesteps: must be at least 1, got 0"),
+        (["--timesteps", "3"], "--timesteps: 3 is more than the 2 calls the statistics hold"),
+    ],
+)
+def test_mask_refuses_bad_values_in_flags_before_loading(tmp_path, capsys, saved, no_model, args, line):
+    argv = ["mask", "--model", "tiny", "--stats", saved / "stats.safetensors", "--out", tmp_path / "m.safetensors", *args]
+    assert error_line(capsys, tmp_path, argv) == "memcore mask: error: " + line
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["--steps", "0"], "--steps: must be at least 1, got 0"),
+        (["--width", "60"], "--width: must be a positive multiple of 8, got 60"),
+        (["--seeds", "3-1"], "--seeds: range '3-1' runs backwards"),
+        (["--mask", "{tmp}/none.safetensors"], "--mask {tmp}/none.safetensors: no such file"),
+        (["--out", "{tmp}"], "--out {tmp}: already exists; choose a new folder"),
+    ],
+)
+def test_generate_refuses_bad_values_in_flags_before_loading(tmp_path, capsys, prompt_file, no_model, args, line):
+    argv = ["generate", "--model", "tiny", "--prompts", prompt_file, "--out", tmp_path / "g"]
+    argv += [a.format(tmp=tmp_path) for a in args]
+    assert error_line(capsys, tmp_path, argv) == "memcore generate: error: " + line.format(tmp=tmp_path)
+
+
+@pytest.mark.parametrize("command", ["prune", "mask", "generate"])
+def test_other_weights_advise_the_force_flag(tmp_path, capsys, prompt_file, saved, monkeypatch, command):
+    import memcore.models
+
+    other = memcore.models.load_pipeline("tiny", device="cpu", dtype="float32")
+    with torch.no_grad():
+        find_targets(other)[0].linear.weight[0, 0] += 1
+    monkeypatch.setattr(memcore.models, "load_pipeline", lambda *args, **kwargs: other)
+    argv = {
+        "prune": ["--mask", saved / "mask0.safetensors"],
+        "mask": ["--stats", saved / "stats.safetensors"],
+        "generate": ["--mask", saved / "mask0.safetensors", "--prompts", prompt_file, "--steps", "2", "--height", "64", "--width", "64"],
+    }[command]
+    out = tmp_path / ("m.safetensors" if command == "mask" else "o")
+    line = error_line(capsys, tmp_path, [command, "--model", "tiny", *argv, "--out", out])
+    what = "the statistics file" if command == "mask" else "the mask"
+    assert line == (
+        f"memcore {command}: error: {what} was made from other weights (model 'memcore/tiny', dtype float32); "
+        "use --force to apply it anyway"
+    )
+
+
+def test_analyze_errors_in_flags(tmp_path, capsys, saved):
+    masks = [saved / f"mask{i}.safetensors" for i in range(3)]
+    argv = ["analyze", *masks, "--names", "a,b", "--out", tmp_path / "a"]
+    assert error_line(capsys, tmp_path, argv) == "memcore analyze: error: --names: 2 names for 3 masks"
+    (tmp_path / "file").write_text("")
+    argv = ["analyze", *masks, "--out", tmp_path / "file"]
+    assert error_line(capsys, tmp_path, argv) == f"memcore analyze: error: --out {tmp_path / 'file'}: exists and is not a folder"
+    argv = ["analyze", *masks, "--out", tmp_path / "a"]
+    assert error_line(capsys, tmp_path, argv) == (
+        f"memcore analyze: error: {masks[0]}: mask has no per-step data; recompute it with --per-step "
+        "(memcore mask --per-step or memcore localize --per-step), or compare two masks with memcore iou"
+    )
+
+
+def test_model_and_device_errors_in_flags(tmp_path, capsys, prompt_file):
+    argv = ["localize", "--prompts", prompt_file, "--out", tmp_path / "m.safetensors"]
+    line = error_line(capsys, tmp_path, [*argv, "--model", "someone/not-cached-model"])
+    assert line.startswith("memcore localize: error: --model someone/not-cached-model: someone/not-cached-model ")
+    assert line.endswith(" pass --model PATH to a diffusers folder")
+    line = error_line(capsys, tmp_path, [*argv, "--model", "tiny", "--device", "nonsense"])
+    assert line.startswith("memcore localize: error: --device: ") and "nonsense" in line
+
+
+def test_flag_words_come_from_the_parser():
+    from test_errors import CASES
+
+    from memcore.cli import FlagWords, build_parser
+    from memcore.errors import Call, Param, Pass
+
+    words = FlagWords(build_parser(), "localize")
+    assert words(Param("out_dir")) == "--out" and words(Param("stats_out")) == "--stats-out"
+    assert words(Param("token_norm", False)) == "--no-token-norm" and words(Param("token_norm")) == "--no-token-norm"
+    assert words(Param("model", "PATH")) == "--model PATH"
+    assert words(Pass("force")) == "use --force"  # localize has no --force: found in another command
+    assert words(Call("compute_mask", (Param("per_step", True),))) == "memcore mask --per-step"
+    assert words(Call("mask_iou")) == "memcore iou"
+    # no flag says these: they keep the library's words
+    assert words(Param("masks")) == "masks" and words(Param("per_step", False)) == "per_step=False"
+    assert words(Call("density")) == "density()"
+    # every parameter the library's errors name, but the positional masks, is a flag of some command
+    named = {param for _, param, _ in CASES} - {None, "masks"}
+    assert {name: words(Param(name)) for name in named} == {
+        name: "--" + {"out_dir": "out"}.get(name, name).replace("_", "-") for name in named
+    }
