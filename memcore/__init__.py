@@ -26,9 +26,9 @@ _LAZY = {
     "compute_mask": "memcore.mask",
     "load_mask": "memcore.mask",
     "save_mask": "memcore.mask",
-    "prune": "memcore.prune",
-    "localize": "memcore.localize",
-    "localize_subsets": "memcore.localize",
+    "prune": "memcore.pruning",
+    "localize": "memcore.localization",
+    "localize_subsets": "memcore.localization",
     "load_prompts": "memcore.prompts",
     "load_subsets": "memcore.prompts",
     "load_pipeline": "memcore.models",
@@ -43,11 +43,11 @@ if TYPE_CHECKING:
     from memcore import ops
     from memcore.analysis import analyze
     from memcore.config import Generation, LocalizeConfig
-    from memcore.localize import localize, localize_subsets
+    from memcore.localization import localize, localize_subsets
     from memcore.mask import Mask, compute_mask, load_mask, save_mask
     from memcore.models import load_pipeline
     from memcore.prompts import load_prompts, load_subsets
-    from memcore.prune import prune
+    from memcore.pruning import prune
     from memcore.stats import Statistics, collect_stats, collect_subset_stats
     from memcore.targets import find_targets
 

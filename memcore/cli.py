@@ -303,7 +303,7 @@ def cmd_localize(args) -> None:
     stats_out = check_output_file(args.stats_out, "stats_out") if args.stats_out else None
     prompts = load_prompts(args.prompts)
 
-    from memcore.localize import localize
+    from memcore.localization import localize
     from memcore.models import load_pipeline
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
@@ -317,7 +317,7 @@ def cmd_localize(args) -> None:
 
 def _localize_subsets(args, config, started: float) -> None:
     from memcore.io import atomic_dir, check_output_dir
-    from memcore.localize import localize_subsets
+    from memcore.localization import localize_subsets
     from memcore.models import load_pipeline
     from memcore.prompts import load_subsets
 
@@ -364,7 +364,7 @@ def cmd_prune(args) -> None:
     from memcore.io import atomic_dir, check_output_dir
     from memcore.mask import Mask
     from memcore.models import load_pipeline
-    from memcore.prune import prune
+    from memcore.pruning import prune
 
     started = time.perf_counter()
     out = check_output_dir(args.out, "out")

@@ -191,7 +191,7 @@ def generate(
         (tmp / "images").mkdir()
         _render(pipe, prompts, seeds, settings, batch_size, tmp, False, bar)
         if mask is not None:
-            from memcore.prune import prune
+            from memcore.pruning import prune
 
             zeroed = prune(pipe, mask, force=force)
             _render(pipe, prompts, seeds, settings, batch_size, tmp, True, bar)
@@ -226,7 +226,7 @@ def generate(
 
 
 def _check_mask(pipe, mask, force: bool) -> None:
-    """The check :func:`memcore.prune.prune` makes, done before any image is generated."""
+    """The check :func:`memcore.prune` makes, done before any image is generated."""
     from memcore.mask import check_same_weights
     from memcore.targets import FFN, find_targets
 

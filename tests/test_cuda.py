@@ -93,7 +93,7 @@ def test_statistics_ops_sd15_shapes(backend, dtype, batch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_localize_on_gpu_matches_reference(backend):
     from memcore.config import LocalizeConfig
-    from memcore.localize import localize
+    from memcore.localization import localize
     from memcore.models import load_pipeline
 
     pipe = load_pipeline("tiny", device="cuda", dtype="float32")
@@ -115,7 +115,7 @@ def test_localize_on_gpu_matches_reference(backend):
 def test_subsets_on_gpu_match_separate_runs(backend):
     """Batches spanning subsets route prompt ranges through the fused GEGLU and the statistic op."""
     from memcore.config import LocalizeConfig
-    from memcore.localize import localize, localize_subsets
+    from memcore.localization import localize, localize_subsets
     from memcore.models import load_pipeline
 
     pipe = load_pipeline("tiny", device="cuda", dtype="float32")

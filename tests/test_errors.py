@@ -17,7 +17,7 @@ from memcore.io import check_output_dir, check_output_file
 from memcore.mask import Mask, compute_mask
 from memcore.models import load_pipeline
 from memcore.prompts import load_prompts
-from memcore.prune import prune
+from memcore.pruning import prune
 from memcore.stats import Statistics, collect_stats, collect_subset_stats
 from memcore.targets import find_targets
 

@@ -24,7 +24,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def real_mask():
-    from memcore.localize import localize
+    from memcore.localization import localize
 
     config = LocalizeConfig(timesteps=2, height=SIZE, width=SIZE, sparsity=0.05, progress=False)
     mask, _ = localize(tiny(), PROMPTS, config)
@@ -191,7 +191,7 @@ def test_caption_wrapping():
 
 @pytest.mark.parametrize("name", ["tiny-sd2", "tiny-sdxl", "tiny-pixart", "tiny-sd3"])
 def test_every_family_draws_before_and_after_pruning(tmp_path, name):
-    from memcore.localize import localize
+    from memcore.localization import localize
 
     config = LocalizeConfig(timesteps=2, steps=3, height=SIZE, width=SIZE, sparsity=0.05, progress=False)
     mask, _ = localize(load_pipeline(name), PROMPTS[:1], config)

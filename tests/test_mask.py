@@ -9,9 +9,9 @@ from test_wanda_mask import brute_force_packed
 
 from memcore.config import LocalizeConfig
 from memcore.errors import MemcoreError
-from memcore.localize import localize
+from memcore.localization import localize
 from memcore.mask import Mask, compute_mask, top_k
-from memcore.prune import prune
+from memcore.pruning import prune
 from memcore.targets import find_targets
 
 

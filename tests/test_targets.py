@@ -7,9 +7,9 @@ import torch
 
 from memcore.config import LocalizeConfig
 from memcore.errors import MemcoreError
-from memcore.localize import localize, localize_subsets
+from memcore.localization import localize, localize_subsets
 from memcore.models import load_pipeline
-from memcore.prune import prune
+from memcore.pruning import prune
 from memcore.stats import collect_stats
 from memcore.targets import FAMILIES, find_targets
 

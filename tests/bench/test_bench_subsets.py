@@ -17,7 +17,7 @@ from benchutil import measure, record
 
 pytest.importorskip("diffusers")
 from memcore.config import LocalizeConfig  # noqa: E402
-from memcore.localize import localize, localize_subsets  # noqa: E402
+from memcore.localization import localize, localize_subsets  # noqa: E402
 from memcore.models import load_pipeline  # noqa: E402
 from memcore.prompts import load_subsets  # noqa: E402
 
