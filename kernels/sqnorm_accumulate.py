@@ -14,9 +14,13 @@ whether the row is zero or not finite). From its exponent comes a power of two `
 number) with ``max |c x|`` in [0.5, 4); ``y = c x`` is exact, ``s = sum y^2`` can neither overflow
 nor underflow, and ``x^2 / ||x||^2 = y^2 * (1 / s)`` with one IEEE-rounded reciprocal per row
 (``tl.math.div_rn``: a plain ``/`` compiles to the approximate ``div.full.f32`` on the GPU). The
-per-element path has no division at all. A row counts iff its maximum magnitude is positive and
+per-element path has no division at all, so no approximate division is kept anywhere for speed;
+the compiled PTX is checked for it (tests/test_triton.py). The per-element result,
+``(y * y) * (1 / s)``, is two roundings from the exact ratio instead of the reference's one, well
+within the float32 statistic's own error. A row counts iff its maximum magnitude is positive and
 finite, which for 16- and 32-bit inputs is exactly the reference's "squared norm (float64) > 0 and
-finite".
+finite" (for float64 inputs the reference's float64 squared norm itself overflows beyond ~1e154
+and underflows below ~1e-162; the kernel counts such finite nonzero rows, as the exact rule says).
 
 Memory layout: ``x2d`` is row-major ``[rows, cols]`` with row stride ``stride_row`` elements and
 unit column stride, any of float16/bfloat16/float32/float64; ``acc`` is a contiguous float32
