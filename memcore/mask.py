@@ -9,7 +9,6 @@ entry is JSON: version, model, weights hash, layers and shapes, settings, densit
 from __future__ import annotations
 
 import functools
-
 import json
 import math
 import os

@@ -108,7 +108,7 @@ def launch(op: str, device: torch.device, *args, workspace: tuple | None = None)
 
     On CUDA, ``workspace`` (the arguments of ``<op>_cuda_workspace`` but the device) asks for a
     scratch buffer: it is allocated with torch's caching allocator on the current stream and its
-    pointer and size are passed before the stream.
+    pointer and size are passed before the stream. The CPU kernels need none and ignore it.
     """
     ext = extension()
     if device.type == "cuda":

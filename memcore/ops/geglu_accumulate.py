@@ -49,10 +49,8 @@ def _native(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, to
     rows, inner, dtype = p2.shape[0], p2.shape[1] // 2, NATIVE_DTYPES[p2.dtype]
     out = torch.empty((rows, inner), dtype=p2.dtype, device=p2.device)
     args = (p2.data_ptr(), dtype, rows, inner, row_start, row_end, acc.data_ptr(), out.data_ptr(), token_norm)
-    if p2.device.type == "cuda":  # per-block partial sums go to a workspace, added in a fixed order
-        launch("geglu_accumulate", p2.device, *args, workspace=(dtype, rows, inner, row_start, row_end, token_norm))
-    else:
-        launch("geglu_accumulate", p2.device, *args)
+    # on CUDA, per-block partial sums go to a workspace, added in a fixed order
+    launch("geglu_accumulate", p2.device, *args, workspace=(dtype, rows, inner, row_start, row_end, token_norm))
     return out
 
 

@@ -59,10 +59,8 @@ def _native(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, to
     x2 = _rows_2d(x)
     dtype, rows, cols = NATIVE_DTYPES[x2.dtype], x2.shape[0], x2.shape[1]
     args = (x2.data_ptr(), dtype, rows, cols, row_start, row_end, acc.data_ptr(), token_norm)
-    if x2.device.type == "cuda":  # per-block partial sums go to a workspace, added in a fixed order
-        launch("sqnorm_accumulate", x2.device, *args, workspace=(dtype, rows, cols, row_start, row_end, token_norm))
-    else:
-        launch("sqnorm_accumulate", x2.device, *args)
+    # on CUDA, per-block partial sums go to a workspace, added in a fixed order
+    launch("sqnorm_accumulate", x2.device, *args, workspace=(dtype, rows, cols, row_start, row_end, token_norm))
 
 
 def _triton(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
