@@ -12,6 +12,7 @@ The output folder, written atomically (an error leaves nothing behind)::
     out_dir/images/p{prompt:03d}_s{seed}_pruned.png   pruned images (with a mask)
     out_dir/grid.png                                  all of them on one sheet
     out_dir/manifest.json                             prompts, seeds, model, settings, mask summary
+                                                      (format memcore.images/1; see load_manifest)
 
 Grid geometry (pixels; W x H is the image size, R prompts, C seeds, B blocks = 2 with a mask else 1)::
 
@@ -27,7 +28,6 @@ inner width over at most two lines, then truncated with "...").
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,6 +37,8 @@ import torch
 from memcore.config import LocalizeConfig, check_batch_size, check_image_settings, resolve_generation
 from memcore.errors import MemcoreError
 from memcore.io import atomic_dir, check_output_dir
+from memcore.schema import IMAGES as MANIFEST_FORMAT
+from memcore.schema import check, dumps, parse
 
 MARGIN, GAP, BLOCK_GAP = 8, 4, 24
 HEADER, SEED_BAND, CAPTION = 20, 16, 32
@@ -197,6 +199,7 @@ def generate(
             _render(pipe, prompts, seeds, settings, batch_size, tmp, True, bar)
         size = _draw_grid(tmp, prompts, seeds, settings.width, settings.height, mask is not None)
         manifest = {
+            "format": MANIFEST_FORMAT,
             "model_id": model_id(pipe),
             "dtype": str(pipe.dtype).removeprefix("torch."),
             "prompts": prompts,
@@ -212,7 +215,8 @@ def generate(
                 for s in seeds
             ],
         }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        check(str(out / "manifest.json") + " (not written)", manifest, MANIFEST_FORMAT, folder=tmp)
+        (tmp / "manifest.json").write_text(dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     names = [(i, s) for i in range(len(prompts)) for s in seeds]
     return GenerateResult(
         out_dir=out,
@@ -223,6 +227,21 @@ def generate(
         manifest=out / "manifest.json",
         zeroed=zeroed,
     )
+
+
+def load_manifest(folder: str | os.PathLike) -> dict:
+    """The manifest of a folder written by :func:`generate`, once it passes the schema of its format
+    (:mod:`memcore.schema`) and every file it names is in the folder; else a one-line error."""
+    path = Path(folder) / "manifest.json"
+    if not Path(folder).is_dir():
+        raise MemcoreError(f"{folder}: no such folder")
+    if not path.is_file():
+        raise MemcoreError(f"{folder}: no manifest.json; not a folder written by memcore generate")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MemcoreError(f"{path}: cannot read it ({exc})") from None
+    return check(str(path), parse(str(path), text, MANIFEST_FORMAT), MANIFEST_FORMAT, folder=folder)
 
 
 def _check_mask(pipe, mask, force: bool) -> None:

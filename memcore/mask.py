@@ -4,12 +4,13 @@ File layout (safetensors): one uint8 tensor per target Linear, keyed by the Line
 name, shaped [out, ceil(in / 8)], holding ``numpy.packbits(mask, axis=1, bitorder="little")``; with
 per-step masks, also ``<name>.per_step`` shaped [tau, out, ceil(in / 8)]. The ``memcore`` metadata
 entry is JSON: version, model, weights hash, layers and shapes, settings, density per layer.
+:mod:`memcore.schema` holds what each format version requires; files are checked against it when
+read and when written.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,10 +23,9 @@ from memcore.config import check_sparsity, check_timesteps
 from memcore.errors import MemcoreError, Param, Pass
 from memcore.io import atomic_file
 from memcore.ops import unpack_mask, wanda_mask
+from memcore.schema import MASK as FORMAT
+from memcore.schema import PER_STEP, check, dumps
 from memcore.stats import Statistics, _read_safetensors
-
-FORMAT = "memcore.mask/1"
-PER_STEP = ".per_step"
 
 
 def top_k(sparsity: float, in_features: int) -> int:
@@ -68,18 +68,16 @@ class Mask:
 
         tensors = {name: t.contiguous().cpu() for name, t in self.layers.items()}
         tensors.update({name + PER_STEP: t.contiguous().cpu() for name, t in self.per_step.items()})
+        check(f"{path} (not written)", self.metadata, FORMAT, tensors)  # never write what no reader takes
         with atomic_file(path) as tmp:
-            save_file(tensors, tmp, metadata={"memcore": json.dumps(self.metadata)})
+            save_file(tensors, tmp, metadata={"memcore": dumps(self.metadata)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Mask:
+        """A mask from a file, once it passes the schema of its format (:mod:`memcore.schema`)."""
         metadata, tensors = _read_safetensors(path, FORMAT)
         layers = {name: tensors[name] for name in metadata["layers"]}
-        per_step = {name: tensors[name + PER_STEP] for name in metadata["layers"] if name + PER_STEP in tensors}
-        for name, packed in layers.items():
-            out, in_features = metadata["shapes"][name]
-            if tuple(packed.shape) != (out, (in_features + 7) // 8) or packed.dtype != torch.uint8:
-                raise MemcoreError(f"{path}: layer {name} has a malformed mask tensor {tuple(packed.shape)}")
+        per_step = {name: tensors[name + PER_STEP] for name in metadata["layers"]} if metadata["per_step"] else {}
         return cls(layers=layers, metadata=metadata, per_step=per_step)
 
 

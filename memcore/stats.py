@@ -16,8 +16,8 @@ from memcore.config import LocalizeConfig, resolve_generation
 from memcore.errors import MemcoreError
 from memcore.io import atomic_file
 from memcore.prompts import BuiltinPrompts
-
-FORMAT = "memcore.stats/1"
+from memcore.schema import STATS as FORMAT
+from memcore.schema import check, dumps, parse
 
 
 @dataclass
@@ -50,11 +50,13 @@ class Statistics:
 
         tensors = {f"mem/{name}": t.contiguous().cpu() for name, t in self.mem.items()}
         tensors.update({f"null/{name}": t.contiguous().cpu() for name, t in self.null.items()})
+        check(f"{path} (not written)", self.metadata, FORMAT, tensors)  # never write what no reader takes
         with atomic_file(path) as tmp:
-            save_file(tensors, tmp, metadata={"memcore": json.dumps(self.metadata)})
+            save_file(tensors, tmp, metadata={"memcore": dumps(self.metadata)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Statistics:
+        """Statistics from a file, once it passes the schema of its format (:mod:`memcore.schema`)."""
         metadata, tensors = _read_safetensors(path, FORMAT)
         mem = {name: tensors[f"mem/{name}"] for name in metadata["layers"]}
         null = {name: tensors[f"null/{name}"] for name in metadata["layers"]}
@@ -62,7 +64,8 @@ class Statistics:
 
 
 def _read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Tensors and memcore metadata of a file written by memcore, or a one-line error."""
+    """Metadata and tensors of a file written by memcore in ``expected_format`` (or another version
+    of it this memcore reads), checked against its schema; else a one-line error naming the file."""
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(path):
@@ -73,13 +76,8 @@ def _read_safetensors(path: str | os.PathLike, expected_format: str) -> tuple[di
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise MemcoreError(f"{path}: not a safetensors file ({exc})") from None
-    try:
-        metadata = json.loads(raw) if raw else {}
-    except json.JSONDecodeError:
-        metadata = {}
-    if metadata.get("format") != expected_format:
-        raise MemcoreError(f"{path}: not a memcore {expected_format.split('.')[1].split('/')[0]} file")
-    return metadata, tensors
+    where = os.fspath(path)
+    return check(where, parse(where, raw, expected_format), expected_format, tensors), tensors
 
 
 def prompts_sha256(prompts: list[str]) -> str:

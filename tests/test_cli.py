@@ -156,9 +156,9 @@ def test_mask_for_other_weights_or_layers_is_refused(tmp_path, capsys, prompt_fi
     assert run(capsys, *argv, "--force")[0] == 0
 
     mask = Mask.load(mask_path)
-    renamed = {name.replace("down_blocks", "downs"): shape for name, shape in mask.metadata["shapes"].items()}
-    mask.metadata["shapes"] = renamed
-    mask.metadata["layers"] = list(renamed)
+    for key in ("shapes", "k", "density"):  # a consistent file whose layers are not the model's
+        mask.metadata[key] = {name.replace("down_blocks", "downs"): v for name, v in mask.metadata[key].items()}
+    mask.metadata["layers"] = list(mask.metadata["shapes"])
     mask.layers = {name.replace("down_blocks", "downs"): t for name, t in mask.layers.items()}
     mask.save(tmp_path / "renamed.safetensors")
     argv = ["prune", "--model", "tiny", "--mask", tmp_path / "renamed.safetensors", "--out", work / "p2", "--force"]
