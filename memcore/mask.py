@@ -11,6 +11,7 @@ read and when written.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from memcore.ops import unpack_mask, wanda_mask
 from memcore.schema import MASK as FORMAT
 from memcore.schema import PER_STEP, check, dumps
 from memcore.stats import Statistics, _read_safetensors
+
+logger = logging.getLogger("memcore")
 
 
 def top_k(sparsity: float, in_features: int) -> int:
@@ -89,8 +92,13 @@ def save_mask(mask: Mask, path: str | os.PathLike) -> None:
     mask.save(path)
 
 
-def check_same_weights(targets, metadata: dict, what: str, force: bool = False) -> None:
-    """Refuse statistics or masks made for other layers, and (unless ``force``) other weights."""
+def check_same_weights(targets, metadata: dict, what: str, force: bool = False, model=None) -> None:
+    """Refuse statistics or masks made for other layers, and (unless ``force``) other weights.
+
+    With ``model``, the pipeline ``targets`` belong to, weights that hash the same under another model
+    name (a local copy of a hub model, say) are accepted with one warning on the ``memcore`` logger
+    naming both (a denoiser alone has no name to compare; with ``force`` nothing is hashed).
+    """
     from memcore.targets import weights_sha256
 
     shapes = {t.name: list(t.shape) for t in targets}
@@ -104,6 +112,15 @@ def check_same_weights(targets, metadata: dict, what: str, force: bool = False) 
             "{what} was made from other weights (model {model!r}, dtype {dtype}); {force} to apply it anyway",
             what=what, model=metadata.get("model_id"), dtype=metadata.get("dtype"), force=Pass("force"),
         )
+    if not force and model is not None and not isinstance(model, torch.nn.Module):
+        from memcore.models import model_id
+
+        here, there = model_id(model), metadata.get("model_id")
+        if here != there:
+            logger.warning(
+                "memcore: %s was made for model %r and is used with model %r; their target weights are the same",
+                what, there, here,
+            )
 
 
 def check_mask_settings(stats: Statistics, sparsity: float, timesteps: int | None) -> int:
@@ -138,7 +155,7 @@ def compute_mask(
 
     tau = check_mask_settings(stats, sparsity, timesteps)
     targets = find_targets(model, stats.metadata.get("target", "ffn"))
-    check_same_weights(targets, stats.metadata, "the statistics file", force)
+    check_same_weights(targets, stats.metadata, "the statistics file", force, model=model)
 
     layers, steps, report = {}, {}, []
     with torch.no_grad():

@@ -22,7 +22,7 @@ def prune(model, mask: Mask, force: bool = False) -> int:
     from memcore.targets import find_targets
 
     targets = find_targets(model, mask.metadata.get("target", "ffn"))
-    check_same_weights(targets, mask.metadata, "the mask", force)
+    check_same_weights(targets, mask.metadata, "the mask", force, model=model)
     zeroed = 0
     with torch.no_grad():
         for target in targets:

@@ -4,10 +4,11 @@ A valid mask and statistics file are made once on the tiny model, then altered o
 metadata rewritten, tensors dropped, reshaped, retyped or added) and given to every command that
 reads them: each answer is exit code 2 and one line naming the file and the field or tensor at fault,
 with no traceback and nothing written. Then the library: the schema of each format, the writers
-(their output passes their own schema; NaN never reaches a file).
+(their output passes their own schema; NaN never reaches a file) and provenance warnings.
 """
 
 import json
+import logging
 import math
 import shutil
 
@@ -21,9 +22,10 @@ from memcore import schema
 from memcore.config import LocalizeConfig
 from memcore.errors import MemcoreError
 from memcore.generate import generate, load_manifest
-from memcore.mask import Mask, compute_mask
+from memcore.mask import Mask, check_same_weights, compute_mask
 from memcore.models import load_pipeline
 from memcore.stats import Statistics, collect_stats, collect_subset_stats
+from memcore.targets import find_targets
 
 PROMPTS = ["a painting of a fox", "the great wave"]
 
@@ -488,3 +490,61 @@ def test_manifest_files(images, tmp_path):
     (tmp_path / "manifest.json").write_bytes(b"\xff\xfe")
     with pytest.raises(MemcoreError, match="cannot read it"):
         load_manifest(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance
+
+
+@pytest.fixture(scope="module")
+def local_copy(tmp_path_factory):
+    """The tiny model saved to a folder: the same weights under another model id (the folder)."""
+    folder = tmp_path_factory.mktemp("copy") / "tiny-copy"
+    tiny().save_pretrained(folder)
+    return folder
+
+
+def _warnings(caplog):
+    return [r for r in caplog.records if r.name == "memcore" and r.levelno == logging.WARNING]
+
+
+def test_same_weights_under_another_name_warn_once(made, local_copy, caplog):
+    from memcore.pruning import prune
+
+    mask = Mask.load(made / "mask.safetensors")
+    copy = load_pipeline(str(local_copy), device="cpu", dtype="float32")
+    with caplog.at_level(logging.WARNING, logger="memcore"):
+        assert prune(copy, mask) > 0  # accepted: a local copy of the same model is legitimate
+    (record,) = _warnings(caplog)
+    assert record.getMessage() == (
+        f"memcore: the mask was made for model 'memcore/tiny' and is used with model {str(local_copy)!r}; "
+        "their target weights are the same"
+    )
+    caplog.clear()
+    stats = Statistics.load(made / "stats.safetensors")
+    with caplog.at_level(logging.WARNING, logger="memcore"):
+        compute_mask(load_pipeline(str(local_copy), device="cpu", dtype="float32"), stats, sparsity=0.05)
+    (record,) = _warnings(caplog)
+    assert "the statistics file was made for model 'memcore/tiny'" in record.getMessage()
+
+
+def test_same_model_or_no_model_given_does_not_warn(made, caplog):
+    mask = Mask.load(made / "mask.safetensors")
+    pipe = tiny()
+    with caplog.at_level(logging.WARNING, logger="memcore"):
+        check_same_weights(find_targets(pipe), mask.metadata, "the mask", model=pipe)
+        check_same_weights(find_targets(pipe), {**mask.metadata, "model_id": "x"}, "the mask")  # identity unknown
+        check_same_weights(find_targets(pipe), {**mask.metadata, "model_id": "x"}, "the mask", model=pipe.unet)
+    assert _warnings(caplog) == []
+    with caplog.at_level(logging.WARNING, logger="memcore"):
+        check_same_weights(find_targets(pipe), {**mask.metadata, "model_id": "x"}, "the mask", model=pipe)
+    assert len(_warnings(caplog)) == 1
+
+
+def test_generate_with_a_local_copy_warns_once(made, local_copy, tmp_path, capsys, caplog):
+    argv = ["generate", "--model", local_copy, "--prompts", made / "prompts.txt", "--seeds", "0", "--mask",
+            made / "mask.safetensors", "--out", tmp_path / "images", "--steps", "1", "--height", "64", "--width", "64"]
+    with caplog.at_level(logging.WARNING, logger="memcore"):
+        code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert len(_warnings(caplog)) == 1
