@@ -403,6 +403,20 @@ def test_schema_of_a_mask(made):
     assert "\n" not in text and "'a\\nb'" in text
 
 
+def test_union_of_the_per_step_masks_ignores_padding_bits():
+    from test_analysis import A, L1, make_mask
+
+    mask = make_mask(A)  # L1 has 13 inputs: the last byte of a row holds 5 weights and 3 padding bits
+    tensors = {**mask.layers, **{name + ".per_step": t for name, t in mask.per_step.items()}}
+    padded = mask.layers[L1].clone()
+    padded[0, -1] |= 0b1110_0000
+    schema.check("m", mask.metadata, schema.MASK, {**tensors, L1: padded})
+    flipped = mask.layers[L1].clone()
+    flipped[0, -1] ^= 0b0001_0000  # column 12, a weight
+    with pytest.raises(MemcoreError, match=f"^m: tensor '{L1}' is not the union of tensor '{L1}.per_step'$"):
+        schema.check("m", mask.metadata, schema.MASK, {**tensors, L1: flipped})
+
+
 def test_schema_of_statistics(made):
     meta, tensors = read(made / "stats.safetensors")
     assert schema.check("s", meta, schema.STATS, tensors) is meta
