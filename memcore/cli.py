@@ -435,7 +435,9 @@ def cmd_generate(args) -> None:
     started = time.perf_counter()
     settings = {"steps": args.steps, "height": args.height, "width": args.width, "batch_size": args.batch_size}
     # before loading the model
-    _, seeds = check_generate_arguments(parse_seeds(args.seeds), out_dir=args.out, mask=args.mask, **settings)
+    _, seeds = check_generate_arguments(
+        parse_seeds(args.seeds), out_dir=args.out, mask=args.mask, guidance=args.guidance, **settings
+    )
     prompts = load_prompts(args.prompts)
 
     from memcore.generate import generate

@@ -34,7 +34,14 @@ from pathlib import Path
 
 import torch
 
-from memcore.config import LocalizeConfig, check_batch_size, check_image_settings, resolve_generation
+from memcore.config import (
+    LocalizeConfig,
+    check_batch_size,
+    check_guidance,
+    check_image_settings,
+    check_seed,
+    resolve_generation,
+)
 from memcore.errors import MemcoreError
 from memcore.io import atomic_dir, check_output_dir
 from memcore.schema import IMAGES as MANIFEST_FORMAT
@@ -44,7 +51,6 @@ MARGIN, GAP, BLOCK_GAP = 8, 4, 24
 HEADER, SEED_BAND, CAPTION = 20, 16, 32
 CAPTION_LINES, LINE_HEIGHT, FONT_SIZE = 2, 14, 12
 MAX_SEEDS = 10_000
-_SEED_LIMIT = 2**64  # torch.manual_seed accepts 0 .. 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,7 @@ def check_seeds(seeds) -> list[int]:
         raise MemcoreError("no seeds given", param="seeds")
     seen = set()
     for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise MemcoreError(f"{seed!r} is not an integer", param="seeds")
-        if not 0 <= seed < _SEED_LIMIT:
-            raise MemcoreError(f"{seed} is out of range (0 .. 2**64 - 1)", param="seeds")
+        check_seed(seed, "seeds")
         if seed in seen:
             raise MemcoreError(f"seed {seed} is given twice", param="seeds")
         seen.add(seed)
@@ -115,6 +118,7 @@ def check_generate_arguments(
     out_dir: str | os.PathLike,
     mask=None,
     steps: int | None = None,
+    guidance: float | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 8,
@@ -128,6 +132,7 @@ def check_generate_arguments(
     seeds = check_seeds(seeds)
     check_batch_size(batch_size)
     check_image_settings(steps, height, width)
+    check_guidance(guidance)
     if isinstance(mask, (str, os.PathLike)) and not os.path.isfile(mask):
         raise MemcoreError("no such file", param="mask", value=mask)
     return out, seeds
@@ -162,12 +167,14 @@ def generate(
         progress: show a progress bar over images (on a terminal).
     """
     out, seeds = check_generate_arguments(
-        seeds, out_dir=out_dir, mask=mask, steps=steps, height=height, width=width, batch_size=batch_size
+        seeds, out_dir=out_dir, mask=mask, steps=steps, guidance=guidance, height=height, width=width,
+        batch_size=batch_size,
     )
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise MemcoreError("expected a non-empty list of prompt strings", param="prompts")
     prompts = list(prompts)
-    settings = resolve_generation(pipe, LocalizeConfig(steps=steps, guidance=guidance, height=height, width=width))
+    config = LocalizeConfig(steps=steps, guidance=guidance, height=height, width=width)
+    settings = resolve_generation(pipe, config, images=min(batch_size, len(prompts)), decode=True)
     mask_path = None
     if isinstance(mask, (str, os.PathLike)):
         from memcore.mask import Mask
