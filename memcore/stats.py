@@ -132,7 +132,8 @@ def collect_subset_stats(
             raise MemcoreError("empty; nothing to localize", param="prompts")
     if not subsets:
         raise MemcoreError("empty; nothing to localize", param="subsets")
-    generation = resolve_generation(pipe, config)
+    distinct = len({prompt for prompts in subsets.values() for prompt in prompts})
+    generation = resolve_generation(pipe, config, images=min(config.batch_size, distinct))
     tau = config.timesteps
     total_calls = len(generation.call_timesteps)
     if tau > total_calls:

@@ -494,8 +494,13 @@ def little_memory(monkeypatch):
 
 
 def test_memory_is_checked_before_allocation(tmp_path, capsys, good, little_memory):
-    # 2 guided rows x 16 channels x 8 x 8 latent pixels x 4 bytes
+    # 2 prompts a batch x 2 guided rows x 16 channels x 8 x 8 latent pixels x 4 bytes
     line = localize_error(capsys, tmp_path, "--prompts", good, *FAST)
+    assert line == (
+        "--height 64 and --width 64 need at least 16.0 KiB for one tensor (the denoiser's first feature map, "
+        "2 images), more than the 1.0 KiB available on cpu; lower them or --batch-size"
+    )
+    line = localize_error(capsys, tmp_path, "--prompts", good, *FAST, "--batch-size", "1")
     assert line == (
         "--height 64 and --width 64 need at least 8.0 KiB for one tensor (the denoiser's first feature map, "
         "1 image), more than the 1.0 KiB available on cpu; lower them"
