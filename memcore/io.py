@@ -235,7 +235,7 @@ def resolve_output(path: str | os.PathLike, param: str | None = None) -> Path:
     real = Path(os.path.realpath(given))
     if os.path.islink(real):
         raise _error("symbolic link loop", param, path)
-    if given.is_symlink() and not real.exists():
+    if os.path.islink(given) and not real.exists():
         if not real.parent.is_dir():
             raise _error(
                 "is a dangling symbolic link to {target}, whose folder does not exist", param, path, target=real
@@ -420,11 +420,12 @@ def check_output_dir(path: str | os.PathLike, param: str) -> Path:
 def _new_root(target: Path, param: str | None, shown) -> Path:
     """The outermost missing folder of ``target`` (a folder to create with its missing parents)."""
     root = target
-    while not root.parent.exists():
+    while not os.path.exists(root.parent):  # os.path: False, not an error, for a name too long
         _check_name(root, param, shown)
         root = root.parent
-    if not root.parent.is_dir():
+    if not os.path.isdir(root.parent):
         raise _error("{folder} is not a folder", param, shown, folder=root.parent)
+    _check_name(root, param, shown)
     return root
 
 
@@ -433,8 +434,8 @@ def check_output_folder(path: str | os.PathLike, param: str, files: Iterable[str
     names are replaced, or a folder created (with its missing parents) if missing. Claims it.
     Returns ``path`` as given."""
     given = Path(path)
-    target = resolve_output(given, param) if given.is_symlink() else Path(os.path.realpath(given))
-    if target.exists():
+    target = resolve_output(given, param) if os.path.islink(given) else Path(os.path.realpath(given))
+    if os.path.exists(target):
         if not target.is_dir():
             raise _error("exists and is not a folder", param, path)
         for name in files:
@@ -444,7 +445,6 @@ def check_output_folder(path: str | os.PathLike, param: str, files: Iterable[str
         _claim(lock_path(target / STAGE), param, path)
     else:
         root = _new_root(target, param, path)
-        _check_name(root, param, path)
         _probe(root, True, param, path)
         _claim(lock_path(root), param, path)
     return given
@@ -588,8 +588,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     renamed one by one (each file atomic, the set within milliseconds).
     """
     given = Path(path)
-    target = resolve_output(given) if given.is_symlink() else Path(os.path.realpath(given))
-    if not target.exists():
+    target = resolve_output(given) if os.path.islink(given) else Path(os.path.realpath(given))
+    if not os.path.exists(target):
         root = _new_root(target, None, path)
         with atomic_dir(root) as tmp:
             inner = tmp / target.relative_to(root)
