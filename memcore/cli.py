@@ -8,6 +8,7 @@ temporary file removed). Outputs are checked and claimed before any work (:mod:`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -281,7 +282,7 @@ class FlagWords:
 
 def cmd_localize(args) -> None:
     from memcore.config import LocalizeConfig
-    from memcore.io import check_distinct, check_output_file
+    from memcore.io import atomic_file, check_distinct, check_output_file
     from memcore.prompts import load_prompts
 
     started = time.perf_counter()
@@ -312,9 +313,10 @@ def cmd_localize(args) -> None:
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
     mask, stats = localize(pipe, prompts, config)
-    if stats_out is not None:
-        stats.save(stats_out)
-    mask.save(out)
+    with contextlib.ExitStack() as outputs:  # both files are renamed into place at the end, or neither
+        if stats_out is not None:
+            stats.save(outputs.enter_context(atomic_file(stats_out)))
+        mask.save(outputs.enter_context(atomic_file(out)))
     summary = {"mask": str(out), "stats": str(stats_out) if stats_out else None, **_mask_summary(mask, time.perf_counter() - started)}
     _emit(args, summary, _describe(summary, str(out)))
 
@@ -332,11 +334,12 @@ def _localize_subsets(args, config, started: float) -> None:
     pipe = load_pipeline(args.model, args.device, args.dtype)
     results = localize_subsets(pipe, subsets, config)
     seconds = time.perf_counter() - started
-    if stats_out is not None:
-        with atomic_dir(stats_out) as tmp:
+    with contextlib.ExitStack() as outputs:  # both folders are renamed into place at the end, or neither
+        if stats_out is not None:
+            tmp = outputs.enter_context(atomic_dir(stats_out))
             for name, (_, stats) in results.items():
                 stats.save(tmp / f"{name}.safetensors")
-    with atomic_dir(out) as tmp:
+        tmp = outputs.enter_context(atomic_dir(out))
         for name, (mask, _) in results.items():
             mask.save(tmp / f"{name}.safetensors")
     masks = {name: {"mask": str(out / f"{name}.safetensors"), **_mask_summary(mask, seconds)} for name, (mask, _) in results.items()}

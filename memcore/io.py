@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
+import functools
 import hashlib
 import os
 import re
@@ -44,6 +44,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memcore.errors import MemcoreError, Param
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: outputs are checked and written atomically, but not claimed
+    fcntl = None
 
 DEFAULT_NAME_MAX = 255
 TEMP_SUFFIX, LOCK_SUFFIX, RANDOM_CHARS = ".tmp", ".lock", 8  # tempfile adds 8 random characters
@@ -82,6 +87,9 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
 
+    def __reduce__(self):
+        return type(self), (self.signum,)
+
 
 class _SignalState:
     installed = False  # signals_as_exceptions is active
@@ -112,7 +120,8 @@ class deferred_signals:  # noqa: N801 (used like a function: ``with deferred_sig
     """
 
     def __enter__(self) -> None:
-        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS) if SIGNALS else None
+        blockable = SIGNALS and hasattr(signal, "pthread_sigmask")
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS) if blockable else None
         _signals.depth += 1
 
     def __exit__(self, *exc) -> bool:
@@ -301,15 +310,21 @@ def _lock(lock: Path, param: str | None, shown) -> int:
 
 
 def _acquire(lock: Path, param: str | None, shown) -> None:
+    if fcntl is None:
+        return
     with deferred_signals(), _claims_lock:
         claim = _claims.get(lock)
         if claim is not None:
             claim.holders += 1
-        else:
-            _claims[lock] = _Claim(_lock(lock, param, shown))
+            return
+        if not _claims and hasattr(os, "register_at_fork"):
+            _watch_forks()
+        _claims[lock] = _Claim(_lock(lock, param, shown))
 
 
 def _release(lock: Path) -> None:
+    if fcntl is None:
+        return
     with deferred_signals(), _claims_lock:
         claim = _claims[lock]
         claim.holders -= 1
@@ -365,7 +380,10 @@ def _forget_claims_in_child() -> None:
     _scopes.__dict__.clear()
 
 
-os.register_at_fork(after_in_child=_forget_claims_in_child)
+@functools.cache
+def _watch_forks() -> None:
+    """Registered once, at the first claim (not on import)."""
+    os.register_at_fork(after_in_child=_forget_claims_in_child)
 
 
 # ---------------------------------------------------------------------------------------------

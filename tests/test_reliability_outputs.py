@@ -571,8 +571,8 @@ DRIVER = textwrap.dedent(
     from diffusers import DiffusionPipeline
     from memcore.cli import main
 
-    first, second = sys.argv[1], sys.argv[2]
-    argv = sys.argv[3:]
+    first, second, complete = sys.argv[1], sys.argv[2], int(sys.argv[3])  # saves that complete before the signal
+    argv = sys.argv[4:]
     saving = []  # the cleanup hooks below act only once the save has begun (the checks probe too)
 
     def send(name):
@@ -585,6 +585,8 @@ DRIVER = textwrap.dedent(
 
     def save_file(tensors, filename, metadata=None):  # part of the file, then the signal
         saving.append(filename)
+        if len(saving) <= complete:
+            return real_save_file(tensors, filename, metadata=metadata)
         with open(filename, "wb") as f:
             f.write(b"partial")
         if first == "none":
@@ -616,16 +618,16 @@ DRIVER = textwrap.dedent(
 
 
 @pytest.mark.parametrize(
-    "command, first, second, code",
+    "command, first, second, complete, code",
     [
-        ("localize", "SIGTERM", "none", 143),
-        ("localize", "SIGINT", "SIGTERM", 130),  # a second signal while the temporary file is removed
-        ("localize", "none", "SIGTERM", 143),  # the first signal comes during the cleanup after an error
-        ("subsets", "SIGHUP", "none", 129),
-        ("prune", "SIGTERM", "SIGINT", 143),  # a second signal while the pipeline folder is removed
+        ("localize", "SIGTERM", "none", 1, 143),  # while the mask is saved, the statistics saved already
+        ("localize", "SIGINT", "SIGTERM", 0, 130),  # a second signal while the temporary file is removed
+        ("localize", "none", "SIGTERM", 0, 143),  # the first signal comes during the cleanup after an error
+        ("subsets", "SIGHUP", "none", 0, 129),
+        ("prune", "SIGTERM", "SIGINT", 0, 143),  # a second signal while the pipeline folder is removed
     ],
 )
-def test_a_signal_during_a_save_leaves_nothing(tmp_path, saved, command, first, second, code):
+def test_a_signal_during_a_save_leaves_nothing(tmp_path, saved, command, first, second, complete, code):
     work = tmp_path / "work"
     work.mkdir()
     argv = {
@@ -637,7 +639,7 @@ def test_a_signal_during_a_save_leaves_nothing(tmp_path, saved, command, first, 
     (tmp_path / "driver.py").write_text(DRIVER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run(
-        [sys.executable, tmp_path / "driver.py", first, second, *map(str, argv)],
+        [sys.executable, tmp_path / "driver.py", first, second, str(complete), *map(str, argv)],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert done.returncode == code, done.stderr[-3000:]
