@@ -236,16 +236,16 @@ def resolve_output(path: str | os.PathLike, param: str | None = None) -> Path:
     """
     given = Path(path)
     parent = given.parent
-    if not parent.is_dir():
-        if parent.exists():
+    if not os.path.isdir(parent):
+        if os.path.exists(parent):
             raise _error("{folder} is not a folder", param, path, folder=parent)
         raise _error("folder {folder} does not exist", param, path, folder=parent)
     _check_name(given, param, path)
     real = Path(os.path.realpath(given))
     if os.path.islink(real):
         raise _error("symbolic link loop", param, path)
-    if os.path.islink(given) and not real.exists():
-        if not real.parent.is_dir():
+    if os.path.islink(given) and not os.path.exists(real):
+        if not os.path.isdir(real.parent):
             raise _error(
                 "is a dangling symbolic link to {target}, whose folder does not exist", param, path, target=real
             )
@@ -411,9 +411,9 @@ def check_output_file(path: str | os.PathLike, param: str) -> Path:
     """Fail early (before any long work) when ``path``, the value of ``param``, cannot be written as a
     file, and claim it (see the module docstring). Returns ``path`` as given."""
     target = resolve_output(path, param)
-    if target.is_dir():
+    if os.path.isdir(target):
         raise _error("is a directory", param, path)
-    if target.exists():
+    if os.path.exists(target):
         if not stat.S_ISREG(target.stat().st_mode):
             raise _error("exists and is not a regular file", param, path)
         folder, owner = target.parent.stat(), target.stat().st_uid
@@ -454,10 +454,10 @@ def check_output_folder(path: str | os.PathLike, param: str, files: Iterable[str
     given = Path(path)
     target = resolve_output(given, param) if os.path.islink(given) else Path(os.path.realpath(given))
     if os.path.exists(target):
-        if not target.is_dir():
+        if not os.path.isdir(target):
             raise _error("exists and is not a folder", param, path)
         for name in files:
-            if (target / name).is_dir():
+            if os.path.isdir(target / name):
                 raise _error("{file} is a folder", param, path, file=target / name)
         _probe(target / STAGE, True, param, path)
         _claim(lock_path(target / STAGE), param, path)
@@ -614,13 +614,13 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
             inner.mkdir(parents=True, exist_ok=True)
             yield inner
         return
-    if not target.is_dir():
+    if not os.path.isdir(target):
         raise _error("exists and is not a folder", None, path)
     with _claimed(lock_path(target / STAGE), None, path), _temp_dir(target / STAGE) as tmp:
         yield tmp
         with deferred_signals():
             names = sorted(p.name for p in tmp.iterdir())
-            folders = [name for name in names if (target / name).is_dir()]
+            folders = [name for name in names if os.path.isdir(target / name)]
             if folders:
                 raise MemcoreError("{file}: is a folder; nothing was written", file=target / folders[0])
             for name in names:
