@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from memcore.errors import Call, MemcoreError, Param
-from memcore.io import atomic_file
+from memcore.io import atomic_folder, check_distinct, check_output_folder
 from memcore.mask import Mask
 
 # Settings two masks must share to be compared (docs/method.md sections 2 and 3).
@@ -635,7 +635,9 @@ def analyze(
 ) -> Analysis:
     """Density and pairwise IoU of per-step masks, written to ``out_dir`` as CSV tables and PNG figures.
 
-    Files (each written atomically; ``out_dir`` is created if missing, existing files are replaced):
+    Files (``out_dir`` is created with its missing parents if needed, existing files of these names are
+    replaced; the folder is checked and claimed before any work, and the files are written together
+    at the end, atomically: an error or a signal leaves no file behind, see :func:`memcore.io.atomic_folder`):
 
     ``analysis.csv``, one row per (call, layer) cell, tidy (``pandas.read_csv`` reads it as is):
         call         call index 0 .. tau-1; ``union`` for the union masks (OR over calls); ``mean``
@@ -671,9 +673,9 @@ def analyze(
     """
     from memcore import figures
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MemcoreError("exists and is not a folder", param="out_dir", value=out)
+    written = _output_names(density_only, bool(_as_items(control)))
+    out = check_output_folder(out_dir, "out_dir", written)
+    check_distinct([("out_dir", out / name) for name in written], [("masks", _as_items(masks)), ("control", _as_items(control))])
     items = _as_items(masks)
     if not items:
         raise MemcoreError("none given", param="masks")
@@ -688,22 +690,30 @@ def analyze(
     pairwise = None if density_only else _pairwise(bits, dens)
     groups = group_iou(loaded, _as_items(control)) if _as_items(control) else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [_write_csv(out / "analysis.csv", ANALYSIS_COLUMNS, _analysis_rows(dens, pairwise))]
-    paths.append(_write_csv(out / "density.csv", DENSITY_COLUMNS, _density_rows(dens)))
-    if pairwise is not None:
-        paths.append(_write_csv(out / "pairs.csv", PAIRS_COLUMNS, _pair_rows(pairwise)))
-    paths += figures.density_figures(dens, out)
-    if pairwise is not None:
-        paths += figures.iou_figures(pairwise, out)
-    if groups is not None:
-        rows = ([group, *values] for group, values in groups.rows.items())
-        paths.append(_write_csv(out / "groups.csv", GROUPS_COLUMNS, rows))
-    return Analysis(names, dens, pairwise, paths, groups)
+    with atomic_folder(out) as tmp:
+        paths = [_write_csv(tmp / "analysis.csv", ANALYSIS_COLUMNS, _analysis_rows(dens, pairwise))]
+        paths.append(_write_csv(tmp / "density.csv", DENSITY_COLUMNS, _density_rows(dens)))
+        if pairwise is not None:
+            paths.append(_write_csv(tmp / "pairs.csv", PAIRS_COLUMNS, _pair_rows(pairwise)))
+        paths += figures.density_figures(dens, tmp)
+        if pairwise is not None:
+            paths += figures.iou_figures(pairwise, tmp)
+        if groups is not None:
+            rows = ([group, *values] for group, values in groups.rows.items())
+            paths.append(_write_csv(tmp / "groups.csv", GROUPS_COLUMNS, rows))
+    return Analysis(names, dens, pairwise, [out / p.name for p in paths], groups)
+
+
+def _output_names(density_only: bool, control: bool) -> list[str]:
+    """The files :func:`analyze` writes."""
+    names = ["analysis.csv", "density.csv", "density_by_timestep.png", "density_by_layer.png"]
+    if not density_only:
+        names += ["pairs.csv", "iou_by_timestep.png", "iou_by_layer.png", "iou_heatmap.png"]
+    return names + (["groups.csv"] if control else [])
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows) -> Path:
-    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows)

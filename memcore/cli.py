@@ -1,15 +1,19 @@
 """``memcore``: the command line. It parses arguments into a config and calls the library.
 
-Exit codes: 0 success, 2 a user error (one line on stderr, no traceback, no output file left).
+Exit codes: 0 success, 2 a user error (one line on stderr, no traceback, no output file left), 128 + the
+signal's number when SIGINT (130), SIGTERM (143) or SIGHUP (129) stopped it (one line on stderr; every
+temporary file removed). Outputs are checked and claimed before any work (:mod:`memcore.io`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -278,7 +282,7 @@ class FlagWords:
 
 def cmd_localize(args) -> None:
     from memcore.config import LocalizeConfig
-    from memcore.io import check_output_file
+    from memcore.io import atomic_file, check_distinct, check_output_file
     from memcore.prompts import load_prompts
 
     started = time.perf_counter()
@@ -301,6 +305,7 @@ def cmd_localize(args) -> None:
         return
     out = check_output_file(args.out or "mask.safetensors", "out")
     stats_out = check_output_file(args.stats_out, "stats_out") if args.stats_out else None
+    check_distinct([("out", out), ("stats_out", stats_out)], [("prompts", args.prompts)])
     prompts = load_prompts(args.prompts)
 
     from memcore.localization import localize
@@ -308,32 +313,33 @@ def cmd_localize(args) -> None:
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
     mask, stats = localize(pipe, prompts, config)
-    if stats_out is not None:
-        stats.save(stats_out)
-    mask.save(out)
+    with contextlib.ExitStack() as outputs:  # both files are renamed into place at the end, or neither
+        if stats_out is not None:
+            stats.save(outputs.enter_context(atomic_file(stats_out)))
+        mask.save(outputs.enter_context(atomic_file(out)))
     summary = {"mask": str(out), "stats": str(stats_out) if stats_out else None, **_mask_summary(mask, time.perf_counter() - started)}
     _emit(args, summary, _describe(summary, str(out)))
 
 
 def _localize_subsets(args, config, started: float) -> None:
-    from memcore.io import atomic_dir, check_output_dir
+    from memcore.io import atomic_dir, check_distinct, check_output_dir
     from memcore.localization import localize_subsets
     from memcore.models import load_pipeline
     from memcore.prompts import load_subsets
 
     out = check_output_dir(args.out or "masks", "out")
     stats_out = check_output_dir(args.stats_out, "stats_out") if args.stats_out else None
-    if stats_out is not None and stats_out.resolve() == out.resolve():
-        raise MemcoreError("must be another folder than {out}", param="stats_out", out=Param("out"))
+    check_distinct([("out", out), ("stats_out", stats_out)], [("subsets", args.subsets)], what="folder")
     subsets = load_subsets(args.subsets)
     pipe = load_pipeline(args.model, args.device, args.dtype)
     results = localize_subsets(pipe, subsets, config)
     seconds = time.perf_counter() - started
-    if stats_out is not None:
-        with atomic_dir(stats_out) as tmp:
+    with contextlib.ExitStack() as outputs:  # both folders are renamed into place at the end, or neither
+        if stats_out is not None:
+            tmp = outputs.enter_context(atomic_dir(stats_out))
             for name, (_, stats) in results.items():
                 stats.save(tmp / f"{name}.safetensors")
-    with atomic_dir(out) as tmp:
+        tmp = outputs.enter_context(atomic_dir(out))
         for name, (mask, _) in results.items():
             mask.save(tmp / f"{name}.safetensors")
     masks = {name: {"mask": str(out / f"{name}.safetensors"), **_mask_summary(mask, seconds)} for name, (mask, _) in results.items()}
@@ -344,13 +350,14 @@ def _localize_subsets(args, config, started: float) -> None:
 
 
 def cmd_mask(args) -> None:
-    from memcore.io import check_output_file
+    from memcore.io import check_distinct, check_output_file
     from memcore.mask import check_mask_settings, compute_mask
     from memcore.models import load_pipeline
     from memcore.stats import Statistics
 
     started = time.perf_counter()
     out = check_output_file(args.out, "out")
+    check_distinct([("out", out)], [("stats", args.stats)])
     stats = Statistics.load(args.stats)
     check_mask_settings(stats, args.sparsity, args.timesteps)  # before loading the model
     pipe = load_pipeline(args.model, args.device, args.dtype or stats.metadata["dtype"])
@@ -361,13 +368,14 @@ def cmd_mask(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from memcore.io import atomic_dir, check_output_dir
+    from memcore.io import atomic_dir, check_distinct, check_output_dir
     from memcore.mask import Mask
     from memcore.models import load_pipeline
     from memcore.pruning import prune
 
     started = time.perf_counter()
     out = check_output_dir(args.out, "out")
+    check_distinct([("out", out)], [("mask", args.mask)], what="folder")
     mask = Mask.load(args.mask)
     pipe = load_pipeline(args.model, args.device or "cpu", args.dtype or mask.metadata["dtype"])
     zeroed = prune(pipe, mask, force=args.force)
@@ -565,15 +573,24 @@ def main(argv: list[str] | None = None) -> int:
     # No handler is configured: logging's last-resort handler prints warnings as bare lines on stderr.
     # transformers warns at import about optional image backends that memcore never uses
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    try:
-        COMMANDS[args.command](args)
-    except MemcoreError as exc:
-        print(f"memcore {args.command}: error: {exc.render(FlagWords(parser, args.command))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("memcore: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    from memcore.io import claimed_outputs, ignore_signals, signals_as_exceptions
+
+    # SIGTERM and SIGHUP raise like SIGINT does, so that every temporary output is removed on the way out
+    with signals_as_exceptions():
+        try:
+            try:
+                with claimed_outputs():  # the outputs checked by the command stay claimed until it ends
+                    COMMANDS[args.command](args)
+                return 0
+            except MemcoreError as exc:
+                ignore_signals()
+                print(f"memcore {args.command}: error: {exc.render(FlagWords(parser, args.command))}", file=sys.stderr)
+                return 2
+        except KeyboardInterrupt as exc:  # memcore.io.Interrupted for SIGTERM and SIGHUP
+            ignore_signals()
+            signum = getattr(exc, "signum", signal.SIGINT)
+            print(f"memcore {args.command}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+            return 128 + signum
 
 
 if __name__ == "__main__":
