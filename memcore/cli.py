@@ -447,6 +447,10 @@ def cmd_generate(args) -> None:
         parse_seeds(args.seeds), out_dir=args.out, mask=args.mask, guidance=args.guidance, **settings
     )
     prompts = load_prompts(args.prompts)
+    if args.mask:
+        from memcore.mask import Mask
+
+        Mask.load(args.mask)  # a bad mask file is refused before the model loads (generate reads it again)
 
     from memcore.generate import generate
     from memcore.models import load_pipeline

@@ -262,8 +262,8 @@ def work(tmp_path):
 
 @pytest.fixture
 def model_loads(monkeypatch):
-    """generate loads the model before it reads the mask (a fresh tiny model); prune and mask must
-    refuse a bad file before loading anything."""
+    """Records model loads (each gets a fresh tiny model): every command must refuse a bad file
+    before loading anything."""
     import memcore.models
 
     loads = []
@@ -294,7 +294,7 @@ def test_altered_mask_is_refused_by_every_command(made, work, capsys, model_load
     message = user_error(capsys, work, *argv)
     layer = first(read(good)[0])
     assert message.startswith(f"{bad}: ") and expect.format(L=layer) in message, message
-    assert model_loads == ([] if command != "generate" else [("tiny", None, None)])
+    assert model_loads == []
 
 
 @pytest.mark.parametrize("name, cls, edit, expect", STATS_CASES, ids=_ids(STATS_CASES))
