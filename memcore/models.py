@@ -3,16 +3,22 @@
 A local folder is checked before diffusers reads it (model_index.json, each component's folder,
 JSON files and weights), and anything it holds that cannot be loaded is one line naming the folder
 and the file or component. Weights are read from safetensors only: pickled weights (``.bin``,
-``.pt``, ``.ckpt``) are refused, since unpickling can run code.
+``.pt``, ``.ckpt``) are refused, since unpickling can run code. An uncached hub id is looked for on
+the hub only once the hub's endpoint answers within ``HUB_PROBE_TIMEOUT_S``.
 """
 
 from __future__ import annotations
 
+import http.client
 import inspect
 import json
 import logging
+import ssl
+import threading
 import traceback
 import types
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -252,6 +258,58 @@ def _cannot_load(model: str, exc: BaseException, reason: str) -> MemcoreError:
     return _folder_error(model, "cannot load component {name}: {reason}", name=component, reason=reason)
 
 
+# How long the hub's endpoint may take to answer before an uncached model is refused: without this,
+# an unreachable hub costs about 30 s of retries before the same refusal.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):  # a redirect is an answer: do not follow it
+        return None
+
+
+def _probe(endpoint: str, timeout: float) -> str | None:
+    """None when ``endpoint`` answers an HTTP request (with any status), else why it did not."""
+    try:
+        request = urllib.request.Request(endpoint, method="HEAD")
+        with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout):
+            return None
+    except urllib.error.HTTPError:  # any status is an answer
+        return None
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):  # the TLS handshake got an answer; the hub client takes over
+            return None
+        return str(exc.reason)
+    except (OSError, http.client.HTTPException) as exc:  # a timeout while reading, a dropped connection
+        return str(exc) or type(exc).__name__
+    except ValueError as exc:  # HF_ENDPOINT is no http(s) URL
+        return str(exc)
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the hub at ``endpoint`` answers within ``timeout`` seconds, else why it did not.
+
+    The request runs in a daemon thread because resolving the host name is not bounded by socket
+    timeouts; a thread still waiting after ``timeout`` is left behind and exits with the process.
+    """
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append(_probe(endpoint, timeout))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, raised there
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, name="memcore-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"nothing within {timeout:g} s"
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
+
+
 def _from_hub(model: str, repo_id: str, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
     from huggingface_hub import constants
@@ -267,6 +325,15 @@ def _from_hub(model: str, repo_id: str, dtype: torch.dtype):
             "download it first or pass {path} to a diffusers folder",
             param="model", value=model, repo_id=repo_id, cache=constants.HF_HUB_CACHE, path=Param("model", "PATH"),
         )
+    if not local_only:
+        unreachable = hub_unreachable(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S)
+        if unreachable is not None:
+            raise MemcoreError(
+                "{repo_id} is not in the local cache ({cache}) and the hub at {endpoint} does not answer ({reason}; "
+                "HF_HUB_OFFLINE is unset); download it where the hub is reachable, or pass {path} to a diffusers folder",
+                param="model", value=model, repo_id=repo_id, cache=constants.HF_HUB_CACHE,
+                endpoint=constants.ENDPOINT, reason=unreachable, path=Param("model", "PATH"),
+            )
     try:
         if config is None:
             logger.info("memcore: %s not in the local cache; downloading from the hub", repo_id)
@@ -298,7 +365,8 @@ def load_pipeline(model: str, device: str | torch.device | None = None, dtype: s
     ``model`` is one of ``TINY_MODELS`` (``tiny``, ``tiny-sd2``, ``tiny-sdxl``, ``tiny-pixart``, ``tiny-sd3``: the
     embedded random-weight models), an alias (``sd15``, ``sdxl``, ``pixart``, ...), a local
     diffusers folder (weights in safetensors), or a hub id. The local cache is tried first; the hub
-    is used only when the model is not cached and ``HF_HUB_OFFLINE`` is unset.
+    is used only when the model is not cached, ``HF_HUB_OFFLINE`` is unset and the hub answers within
+    ``HUB_PROBE_TIMEOUT_S``.
     """
     dev, dt = resolve_device(device, dtype)
     if model in FAMILIES:

@@ -3,7 +3,8 @@
 - regular expressions from users and files run under one time budget over the module names, and
   patterns that would unroll into huge programs are refused before they are compiled;
 - every way a local model folder can be broken is one line naming the folder and the file or the
-  component; pickled weights are refused.
+  component; pickled weights are refused;
+- an uncached hub id with the hub unreachable is refused at once, without a download attempt.
 
 Model folders are the tiny pipeline saved with ``save_pretrained``, then broken.
 """
@@ -11,11 +12,14 @@ Model folders are the tiny pipeline saved with ``save_pretrained``, then broken.
 from __future__ import annotations
 
 import errno
+import http.server
 import json
 import os
 import pathlib
 import re
 import shutil
+import socket
+import threading
 import time
 
 import pytest
@@ -23,6 +27,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import memcore.models as models
 import memcore.targets as targets
 from cli_helpers import user_error
 from memcore.config import LocalizeConfig
@@ -486,3 +491,144 @@ def test_library_error_names_the_model_parameter(folder):
         load_pipeline(str(folder), device="cpu")
     assert caught.value.param == "model"
     assert str(caught.value) == f"model {folder}: model_index.json is not a JSON object"
+
+
+# ---------------------------------------------------------------------------------------------
+# the hub, unreachable
+
+REPO = "someone/some-model"
+
+
+@pytest.fixture
+def hub_online(monkeypatch):
+    """HF_HUB_OFFLINE unset (tests/conftest.py sets it), no proxy, and every way to download failing the test."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    downloads = []
+    local_config = DiffusionPipeline.load_config.__func__
+
+    def load_config(cls, name, *args, local_files_only=False, **kwargs):
+        if not local_files_only:
+            downloads.append(("load_config", name))
+            raise OSError(f"{name} is not on the hub")
+        return local_config(cls, name, *args, local_files_only=local_files_only, **kwargs)
+
+    def refuse(*args, **kwargs):
+        downloads.append(("from_pretrained", args))
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(DiffusionPipeline, "load_config", classmethod(load_config))
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(DiffusionPipeline, "download", refuse)
+    return downloads
+
+
+def point_hub_at(monkeypatch, url):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setattr(constants, "ENDPOINT", url)  # read from HF_ENDPOINT when huggingface_hub is imported
+
+
+@pytest.fixture
+def closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def silent_port():
+    """A socket that accepts connections (the kernel does, up to the backlog) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+class _Unsupported(http.server.BaseHTTPRequestHandler):
+    """Answers every request with 501 (it has no do_HEAD)."""
+
+    def log_message(self, *args):
+        pass
+
+
+class _Redirect(_Unsupported):
+    def do_HEAD(self):
+        self.send_response(302)
+        self.send_header("Location", "http://127.0.0.1:9/elsewhere")  # a closed port: not followed
+        self.end_headers()
+
+
+@pytest.fixture(params=["unsupported", "redirect"])
+def answering_port(request):
+    """A local HTTP server answering every HEAD: 501, or a redirect to a closed port."""
+    handler = _Redirect if request.param == "redirect" else _Unsupported
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_probe_outcomes(closed_port, silent_port, answering_port):
+    assert "Connection refused" in models.hub_unreachable(closed_port, timeout=5)
+    started = time.monotonic()
+    assert models.hub_unreachable(silent_port, timeout=0.3) in ("timed out", "nothing within 0.3 s")
+    assert time.monotonic() - started < 20
+    assert models.hub_unreachable(answering_port, timeout=5) is None
+    assert "unknown url type" in models.hub_unreachable("not-a-url", timeout=5)
+
+
+@pytest.mark.parametrize("port", ["closed_port", "silent_port"])
+def test_uncached_id_with_the_hub_unreachable_fails_at_once(request, tmp_path, capsys, monkeypatch, hub_online, port):
+    from huggingface_hub import constants
+
+    url = request.getfixturevalue(port)
+    point_hub_at(monkeypatch, url)
+    monkeypatch.setattr(models, "HUB_PROBE_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    message = localize_error(capsys, tmp_path, REPO)
+    assert time.monotonic() - started < 30  # no retries (they took about 30 s)
+    assert message.startswith(
+        f"--model {REPO}: {REPO} is not in the local cache ({constants.HF_HUB_CACHE}) and the hub at {url} does not answer ("
+    )
+    assert message.endswith(
+        "; HF_HUB_OFFLINE is unset); download it where the hub is reachable, or pass --model PATH to a diffusers folder"
+    )
+    if port == "closed_port":
+        assert "Connection refused" in message
+    else:  # the socket's timeout or the thread's, whichever came first
+        assert "(timed out;" in message or "(nothing within 0.5 s;" in message
+    assert hub_online == []
+
+
+def test_uncached_alias_names_the_hub_id(tmp_path, capsys, monkeypatch, hub_online, closed_port):
+    monkeypatch.setitem(models.ALIASES, "some-alias", REPO)
+    point_hub_at(monkeypatch, closed_port)
+    message = localize_error(capsys, tmp_path, "some-alias")
+    assert message.startswith(f"--model some-alias: {REPO} is not in the local cache")
+    assert hub_online == []
+
+
+def test_when_the_hub_answers_the_download_goes_ahead(tmp_path, capsys, monkeypatch, hub_online, answering_port):
+    point_hub_at(monkeypatch, answering_port)
+    message = localize_error(capsys, tmp_path, REPO)
+    assert hub_online == [("load_config", REPO)]
+    assert f"cannot load {REPO}:" in message and "is not on the hub" in message
+
+
+def test_offline_mode_still_refuses_without_probing(tmp_path, capsys, monkeypatch):
+    def no_probe(*args, **kwargs):
+        raise AssertionError("probed the hub")
+
+    monkeypatch.setattr(models, "hub_unreachable", no_probe)
+    message = localize_error(capsys, tmp_path, REPO)
+    assert "HF_HUB_OFFLINE is set" in message
