@@ -93,11 +93,15 @@ class MemcoreError(Exception):
         mentioned = (m.name for m in self.mentions if isinstance(m, Param))
         self.param = param if param is not None else next(mentioned, None)
 
+    def detail(self, spell: Callable[[Mention], str] = python_words) -> str:
+        """The message without the parameter at fault before it, spelled by ``spell``."""
+        if not self.fields:
+            return self.message
+        return self.message.format(**{k: spell(v) if isinstance(v, (Param, Call)) else v for k, v in self.fields.items()})
+
     def render(self, spell: Callable[[Mention], str] = python_words) -> str:
         """The one-line message, with every parameter spelled by ``spell`` (Python words by default)."""
-        text = self.message
-        if self.fields:
-            text = text.format(**{k: spell(v) if isinstance(v, (Param, Call)) else v for k, v in self.fields.items()})
+        text = self.detail(spell)
         if self._at_fault is None:
             return text
         subject = spell(Param(self._at_fault))

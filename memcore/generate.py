@@ -254,9 +254,9 @@ def load_manifest(folder: str | os.PathLike) -> dict:
 def _check_mask(pipe, mask, force: bool) -> None:
     """The check :func:`memcore.prune` makes, done before any image is generated."""
     from memcore.mask import check_same_weights
-    from memcore.targets import FFN, find_targets
+    from memcore.targets import find_recorded_targets
 
-    check_same_weights(find_targets(pipe, mask.metadata.get("target", FFN)), mask.metadata, "the mask", force)
+    check_same_weights(find_recorded_targets(pipe, mask.metadata, "the mask"), mask.metadata, "the mask", force)
 
 
 def _mask_summary(mask, path: str | None, zeroed: int | None, force: bool) -> dict:

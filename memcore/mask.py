@@ -151,10 +151,10 @@ def compute_mask(
         per_step: also keep the mask of each call index.
         force: accept statistics collected with other weights of the same shapes.
     """
-    from memcore.targets import find_targets
+    from memcore.targets import find_recorded_targets
 
     tau = check_mask_settings(stats, sparsity, timesteps)
-    targets = find_targets(model, stats.metadata.get("target", "ffn"))
+    targets = find_recorded_targets(model, stats.metadata, "the statistics file")
     check_same_weights(targets, stats.metadata, "the statistics file", force, model=model)
 
     layers, steps, report = {}, {}, []

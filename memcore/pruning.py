@@ -19,9 +19,9 @@ def prune(model, mask: Mask, force: bool = False) -> int:
     Returns:
         the number of weights set to zero.
     """
-    from memcore.targets import find_targets
+    from memcore.targets import find_recorded_targets
 
-    targets = find_targets(model, mask.metadata.get("target", "ffn"))
+    targets = find_recorded_targets(model, mask.metadata, "the mask")
     check_same_weights(targets, mask.metadata, "the mask", force, model=model)
     zeroed = 0
     with torch.no_grad():

@@ -201,6 +201,21 @@ def find_targets(model, target: str = FFN) -> list[Target]:
     return found
 
 
+def find_recorded_targets(model, metadata: dict, what: str) -> list[Target]:
+    """:func:`find_targets` for the family a file records (``metadata["target"]``, ``ffn`` when absent).
+
+    A mistake in it is the file's, not a ``target`` argument's (``prune`` has none): the error says
+    what recorded it, e.g. "the mask records target '(a|a)*b': the regular expression did not finish ...".
+    """
+    target = metadata.get("target", FFN)
+    try:
+        return find_targets(model, target)
+    except MemcoreError as exc:
+        if exc.param != "target":
+            raise
+        raise MemcoreError("{what} records target {target}: {detail}", what=what, target=repr(target), detail=exc.detail()) from None
+
+
 def _ffn_targets(net: nn.Module) -> list[Target]:
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention import FeedForward
