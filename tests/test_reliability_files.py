@@ -562,3 +562,25 @@ def test_generate_with_a_local_copy_warns_once(made, local_copy, tmp_path, capsy
         code, _, err = run_cli(capsys, *argv)
     assert code == 0, err
     assert len(_warnings(caplog)) == 1
+
+
+def test_the_same_command_writes_the_same_mask_bytes(made, tmp_path, capsys):
+    """Determinism: two runs of one command give the same mask file, byte for byte, and statistics
+    files with the same tensors (only their metadata's collection time differs)."""
+    runs = []
+    for run in ("a", "b"):
+        mask, stats = tmp_path / f"{run}.safetensors", tmp_path / f"{run}_stats.safetensors"
+        code, _, err = run_cli(
+            capsys, "localize", "--model", "tiny", "--prompts", made / "prompts.txt", "--timesteps", "2",
+            "--height", "64", "--width", "64", "--sparsity", "0.05", "--per-step", "--out", mask, "--stats-out", stats,
+        )
+        assert code == 0, err
+        runs.append((mask.read_bytes(), Statistics.load(stats)))
+    (mask_a, stats_a), (mask_b, stats_b) = runs
+    assert mask_a == mask_b
+    assert Mask.load(tmp_path / "a.safetensors").density() > 0  # a mask with something in it
+    for layer in stats_a.layers:
+        assert torch.equal(stats_a.mem[layer], stats_b.mem[layer]) and torch.equal(stats_a.null[layer], stats_b.null[layer])
+    assert {k: v for k, v in stats_a.metadata.items() if k != "collect_seconds"} == {
+        k: v for k, v in stats_b.metadata.items() if k != "collect_seconds"
+    }
