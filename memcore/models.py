@@ -63,14 +63,33 @@ def resolve_device(device: str | torch.device | None, dtype: str | torch.dtype |
     else:
         try:
             dev = torch.device(device)
-        except RuntimeError as exc:
-            raise MemcoreError("{exc}", param="device", exc=exc) from None
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise MemcoreError("CUDA is not available on this machine", param="device", value=device)
+        except RuntimeError:
+            raise MemcoreError("not a torch device (cpu, cuda, cuda:1, ...)", param="device", value=device) from None
+        check_device(dev, device)
     resolved = parse_dtype(dtype)
     if resolved is None:
         resolved = torch.float16 if dev.type == "cuda" else torch.float32
     return dev, resolved
+
+
+def check_device(dev: torch.device, given: object) -> None:
+    """A device a model can run on here: the CPU, a CUDA device this machine has, or another
+    accelerator torch reports available (``mps``, ``xpu``); never ``meta``, which holds no values."""
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MemcoreError("CUDA is not available on this machine", param="device", value=given)
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise MemcoreError(f"this machine has {count} CUDA device{'s' if count != 1 else ''}, cuda:0 to cuda:{count - 1}", param="device", value=given)
+        return
+    available = {"mps": lambda: torch.backends.mps.is_available()}.get(dev.type)
+    if available is None:
+        module = getattr(torch, dev.type, None)
+        available = getattr(module, "is_available", None) if dev.type != "meta" else None
+    if available is None or not available():
+        raise MemcoreError(f"cannot run a model on {dev.type} here; use cpu or cuda", param="device", value=given)
 
 
 def resolve_model_id(model: str) -> str:

@@ -633,3 +633,33 @@ def test_offline_mode_still_refuses_without_probing(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(models, "hub_unreachable", no_probe)
     message = localize_error(capsys, tmp_path, REPO)
     assert "HF_HUB_OFFLINE is set" in message
+
+
+# ---------------------------------------------------------------------------------------------
+# devices
+
+
+@pytest.mark.parametrize(
+    "device, expect",
+    [
+        ("nonsense", "--device nonsense: not a torch device (cpu, cuda, cuda:1, ...)"),
+        ("meta", "--device meta: cannot run a model on meta here; use cpu or cuda"),
+        ("cuda:99", "--device cuda:99: CUDA is not available on this machine"),
+    ],
+)
+def test_devices_a_model_cannot_run_on(tmp_path, capsys, monkeypatch, device, expect):
+    if device == "cuda:99" and torch.cuda.is_available():
+        expect = f"--device cuda:99: this machine has {torch.cuda.device_count()} CUDA device"
+    message = user_error(
+        capsys, tmp_path, "localize", "--model", "tiny", "--prompts", "memorize_0", "--device", device,
+        "--out", tmp_path / "mask.safetensors",
+    )
+    assert message.startswith(expect), message
+
+
+def test_cuda_index_beyond_the_devices_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(MemcoreError, match=r"^device cuda:2: this machine has 2 CUDA devices, cuda:0 to cuda:1$"):
+        models.resolve_device("cuda:2", None)
+    assert models.resolve_device("cuda:1", None) == (torch.device("cuda:1"), torch.float16)
