@@ -164,6 +164,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
 
     p = sub.add_parser(
+        "detect",
+        help="score prompts for memorization (Wen et al., ICLR 2024) and pick the most likely memorized",
+        description="Score every prompt by the magnitude of the text-conditional noise prediction, "
+        "||eps(x_t, prompt) - eps(x_t, empty)||_2, averaged over the first --timesteps denoiser calls and over "
+        "the --seeds generations (Wen et al., ICLR 2024; docs/detect.md). Writes scores.csv, summary.json and "
+        "histogram.png into a new --out folder; with --control (non-memorized prompts) also the ROC curve "
+        "roc.png, its AUC and the TPR at 1% FPR; with --top N --out-prompts FILE the N highest-scoring prompts.",
+    )
+    _add_model_args(p, "torch device (default: cuda if available, else cpu)", "default: float16 on CUDA, float32 on CPU")
+    p.add_argument(
+        "--prompts", required=True,
+        help="prompts to score: a .txt (one per line), .jsonl or .csv file, or a built-in set such as sdv1-500 "
+        "('memcore data' lists them)",
+    )
+    p.add_argument(
+        "--control", help="non-memorized prompts (file or built-in set, e.g. laion-nomem-500): adds the ROC against --prompts"
+    )
+    p.add_argument("--out", required=True, help="new folder for scores.csv, summary.json and the figures")
+    p.add_argument("--top", type=int, help="with --out-prompts: how many of the highest-scoring --prompts to write")
+    p.add_argument("--out-prompts", help="with --top: a .txt (one per line) or .jsonl file of the top prompts, for 'memcore localize'")
+    p.add_argument("--timesteps", type=int, default=1, help="T: first denoiser calls averaged into the score (default 1)")
+    p.add_argument("--seeds", default="0-3", help="seeds, one generation each, shared by all prompts (default 0-3)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation (default 8)")
+    p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's, 50 for SD)")
+    p.add_argument("--guidance", type=float, help="guidance scale, above 1 (default: the pipeline's, 7.5 for SD)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+
+    p = sub.add_parser(
         "data",
         help="list the built-in prompt sets, or print the prompts of one",
         description="The prompt lists that ship with memcore: a set's name works wherever a prompt file does "
@@ -225,6 +254,8 @@ FUNCTION_COMMANDS = {
     "analyze": "analyze",
     "mask_iou": "iou",
     "generate": "generate",
+    "detection_scores": "detect",
+    "DetectConfig": "detect",
 }
 
 
@@ -472,6 +503,155 @@ def cmd_generate(args) -> None:
     _emit(args, summary, f"wrote {summary['images']} images and {result.grid} ({width}x{height}){pruned}")
 
 
+OUT_PROMPTS_FORMATS = (".txt", ".jsonl")
+
+
+def cmd_detect(args) -> None:
+    from memcore.detection import DetectConfig
+    from memcore.figures import require_matplotlib
+    from memcore.generate import parse_seeds
+    from memcore.io import check_distinct, check_output_dir, check_output_file
+    from memcore.prompts import load_prompts
+
+    started = time.perf_counter()
+    if (args.top is None) != (args.out_prompts is None):
+        raise MemcoreError("--top and --out-prompts go together: --top N --out-prompts FILE")
+    if args.top is not None and args.top < 1:
+        raise MemcoreError(f"must be at least 1, got {args.top}", param="top")
+    if args.out_prompts is not None and os.path.splitext(args.out_prompts)[1].lower() not in OUT_PROMPTS_FORMATS:
+        raise MemcoreError(
+            f"must end in {' or '.join(OUT_PROMPTS_FORMATS)} (a prompt file 'memcore localize' reads)",
+            param="out_prompts",
+        )
+    require_matplotlib()
+    config = DetectConfig(
+        steps=args.steps, guidance=args.guidance, seeds=tuple(parse_seeds(args.seeds)), height=args.height,
+        width=args.width, timesteps=args.timesteps, batch_size=args.batch_size,
+    )
+    out = check_output_dir(args.out, "out")
+    out_prompts = check_output_file(args.out_prompts, "out_prompts") if args.out_prompts else None
+    check_distinct([("out", out), ("out_prompts", out_prompts)], [("prompts", args.prompts), ("control", args.control)])
+    prompts = load_prompts(args.prompts)
+    control = load_prompts(args.control) if args.control else []
+    if args.top is not None:
+        if args.top > len(prompts):
+            raise MemcoreError(f"is {args.top}, more than the {len(prompts)} prompts of {args.prompts}", param="top")
+        if out_prompts.suffix.lower() == ".txt":
+            broken = next((i for i, p in enumerate(prompts) if "\n" in p or "\r" in p), None)
+            if broken is not None:
+                raise MemcoreError(
+                    f"prompt {broken} of {args.prompts} holds a line break, which a .txt file cannot keep; "
+                    "write a .jsonl file instead",
+                    param="out_prompts",
+                )
+
+    from memcore.detection import detection_scores
+    from memcore.models import load_pipeline
+
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    result = detection_scores(pipe, [*prompts, *control], config)
+    summary = _write_detection(args, out, out_prompts, result, len(prompts), started)
+    line = (
+        f"wrote {len(summary['files'])} files into {out}: {len(prompts)} prompts"
+        + (f" and {len(control)} control prompts" if control else "")
+        + f" scored over {config.timesteps} call{'s' if config.timesteps > 1 else ''} x {len(config.seeds)} seed"
+        + ("s" if len(config.seeds) > 1 else "")
+    )
+    if summary["auc"] is not None:
+        line += f"; AUC {summary['auc']:.4f}, TPR@1%FPR {summary['tpr_at_1pct_fpr']:.4f}"
+    if out_prompts is not None:
+        line += f"; top {args.top} prompts in {out_prompts}"
+    _emit(args, summary, line)
+
+
+def _write_detection(args, out, out_prompts, result, num_prompts: int, started: float) -> dict:
+    """scores.csv, summary.json, histogram.png (and roc.png with a control) into ``out``, and the top prompts."""
+    import csv
+
+    import numpy as np
+
+    from memcore.detection import roc
+    from memcore.io import atomic_dir, atomic_file
+
+    scores, per_call = result.scores, result.per_call
+    sets = ["prompts"] * num_prompts + ["control"] * (len(result.prompts) - num_prompts)
+    pos, neg = scores[:num_prompts], scores[num_prompts:]
+    curve = roc(pos, neg) if neg.size else None
+    # the highest scores first; equal scores keep the order of the file
+    top = sorted(range(num_prompts), key=lambda i: (-scores[i], i))[: args.top] if args.top else []
+    names = ["scores.csv", "summary.json", "histogram.png"] + (["roc.png"] if curve is not None else [])
+
+    def stats(values) -> dict | None:
+        if values.size == 0:
+            return None
+        return {"count": int(values.size), "mean": float(values.mean()), "median": float(np.median(values)),
+                "min": float(values.min()), "max": float(values.max())}
+
+    summary = {
+        "out": str(out),
+        "files": [str(out / name) for name in names],
+        "prompts": args.prompts,
+        "control": args.control,
+        "score": "mean over seeds and the first T denoiser calls of ||eps(x_t, prompt) - eps(x_t, '')||_2",
+        **result.metadata,
+        "prompt_scores": stats(pos),
+        "control_scores": stats(neg),
+        "auc": None if curve is None else curve.auc,
+        "tpr_at_1pct_fpr": None if curve is None else curve.tpr_at_fpr,
+        "out_prompts": None if out_prompts is None else str(out_prompts),
+        "top": [{"index": i, "prompt": result.prompts[i], "score": float(scores[i])} for i in top],
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    with contextlib.ExitStack() as outputs:  # the folder and the prompt file are renamed into place together
+        if out_prompts is not None:
+            path = outputs.enter_context(atomic_file(out_prompts))
+            with open(path, "w", encoding="utf-8", newline="\n") as f:
+                for i in top:
+                    prompt = result.prompts[i]
+                    f.write((json.dumps({"prompt": prompt}, ensure_ascii=False) if out_prompts.suffix.lower() == ".jsonl" else prompt) + "\n")
+        tmp = outputs.enter_context(atomic_dir(out))
+        with open(tmp / "scores.csv", "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "set", "prompt", "score", *(f"call_{t}" for t in range(per_call.shape[1]))])
+            for i, prompt in enumerate(result.prompts):
+                index = i if i < num_prompts else i - num_prompts
+                writer.writerow([index, sets[i], prompt, repr(float(scores[i])), *(repr(float(v)) for v in per_call[i])])
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        _detection_figures(tmp, pos, neg, curve)
+    return summary
+
+
+def _detection_figures(folder, pos, neg, curve) -> None:
+    import numpy as np
+    from matplotlib.figure import Figure  # a Figure made directly draws with Agg, whatever the backend
+
+    fig = Figure(figsize=(5, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    values = [pos] + ([neg] if neg.size else [])
+    low, high = min(v.min() for v in values), max(v.max() for v in values)
+    bins = np.linspace(low, high if high > low else low + 1, 31)
+    ax.hist(pos, bins=bins, alpha=0.6, label=f"prompts ({pos.size})")
+    if neg.size:
+        ax.hist(neg, bins=bins, alpha=0.6, label=f"control ({neg.size})")
+    ax.set_xlabel("detection score")
+    ax.set_ylabel("prompts")
+    ax.legend()
+    fig.savefig(folder / "histogram.png", format="png", dpi=120)
+    if curve is None:
+        return
+    fig = Figure(figsize=(4, 4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(curve.fpr, curve.tpr, drawstyle="default", label=f"AUC {curve.auc:.4f}")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.axvline(curve.max_fpr, linestyle="--", color="grey", linewidth=0.8)
+    ax.set_xlabel("false positive rate (control)")
+    ax.set_ylabel("true positive rate (prompts)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.legend(loc="lower right")
+    fig.savefig(folder / "roc.png", format="png", dpi=120)
+
+
 def cmd_data(args) -> None:
     from memcore import datasets
 
@@ -566,6 +746,7 @@ COMMANDS = {
     "analyze": cmd_analyze,
     "iou": cmd_iou,
     "generate": cmd_generate,
+    "detect": cmd_detect,
     "data": cmd_data,
     "env": cmd_env,
 }
