@@ -449,10 +449,12 @@ def cli_outputs(saved, tmp_path, out_file, out_dir) -> dict[str, list]:
         "generate": ["generate", "--model", "tiny", "--prompts", prompts, "--seeds", "0", "--steps", "2",
                      "--height", "64", "--width", "64", "--out", out_dir],
         "analyze": ["analyze", mask, mask, "--out", out_dir],
+        "detect": ["detect", "--model", "tiny", "--prompts", prompts, "--seeds", "0", "--steps", "2",
+                   "--height", "64", "--width", "64", "--out", out_dir],
     }
 
 
-COMMANDS = ["localize", "localize-stats", "subsets", "subsets-stats", "mask", "prune", "generate", "analyze"]
+COMMANDS = ["localize", "localize-stats", "subsets", "subsets-stats", "mask", "prune", "generate", "analyze", "detect"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
