@@ -14,9 +14,9 @@ and pixels of the latent of that one image) of ``noise_pred_text - noise_pred_un
 halves of the classifier-free-guidance batch, before the guidance scale multiplies it. The
 detection score of a prompt is the mean of ``d_t`` over the first T steps (the paper reports T = 1,
 10 and all 50 steps) and over its n generations (``detect_mem.py``: n = 4 images per prompt by
-default, 50 DDIM steps, guidance 7.5). A higher score means more likely memorized; their anchor on
-SD 1.x, 500 memorized prompts against 500 non-memorized ones: an AUC of about 0.96 from the first
-step of one generation.
+default, 50 DDIM steps, guidance 7.5). A higher score means more likely memorized. Anchor on SD 1.5,
+500 memorized prompts against 500 non-memorized ones: an AUC of about 0.96 at the first step
+(0.962 as reproduced in the README of github.com/randomnameforicml/icml-2026).
 
 Here the pipeline's own ``__call__`` runs each generation (:mod:`memcore.driver`) and stops after T
 denoiser calls; a hook on the denoiser reads its output, the guided batch [uncond..., cond...], and
