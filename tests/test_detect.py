@@ -155,3 +155,33 @@ def test_detect_without_control_and_jsonl_top(capsys, tmp_path):
     from memcore.prompts import load_prompts
 
     assert sorted(load_prompts(tmp_path / "top.jsonl")) == sorted(["two\nlines", "one line"])
+
+
+@pytest.mark.parametrize("model", ["tiny-pixart", "tiny-sd3"])
+def test_other_families(model):
+    """PixArt (no step-end callback: later calls skipped by a hook; a learned variance beside the noise)
+    and SD3 (flow matching) give one finite, positive d_t per prompt, seed and call."""
+    from memcore.models import load_pipeline
+
+    pipe = load_pipeline(model, device="cpu", dtype="float32")
+    result = detection_scores(pipe, ["a fox", "mona lisa"], DetectConfig(steps=3, timesteps=2, seeds=(0,), progress=False))
+    assert result.norms.shape == (2, 1, 2)
+    assert np.isfinite(result.norms).all() and (result.norms > 0).all()
+    assert result.metadata["timesteps"] == 2
+
+
+def test_hook_reads_the_noise_channels_of_each_image():
+    """The hook's d_t on a made-up guided output [uncond..., cond...] of 2 images with a learned
+    variance (8 channels: noise first 4): per image, the noise channels only, calls beyond T ignored."""
+    from types import SimpleNamespace
+
+    from memcore.detection import TextConditionalNormHook
+
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(4, 8, 3, 3, generator=gen)
+    hook = TextConditionalNormHook(num_calls=1, noise_channels=4)
+    hook.post_forward(None, SimpleNamespace(sample=sample))
+    hook.post_forward(None, (sample * 100,))  # call 2 > T: ignored
+    expected = [float((sample[2 + i, :4] - sample[i, :4]).norm()) for i in range(2)]
+    assert len(hook.norms) == 1
+    np.testing.assert_allclose(hook.norms[0].numpy(), expected, rtol=1e-6)
