@@ -246,10 +246,10 @@ def clip_score(model, processor, images: torch.Tensor, prompts: list[str]) -> to
     images = _check_images(images)
     if len(prompts) != images.shape[0]:
         raise ValueError(f"prompts: {len(prompts)} prompts for {images.shape[0]} images")
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     pixels = processor.image_processor(images=list(images.float().cpu()), do_rescale=False, return_tensors="pt")
     text = processor.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
-    image_features = _features(model.get_image_features(pixel_values=pixels["pixel_values"].to(device)))
+    image_features = _features(model.get_image_features(pixel_values=pixels["pixel_values"].to(device, dtype)))
     text_features = _features(
         model.get_text_features(input_ids=text["input_ids"].to(device), attention_mask=text["attention_mask"].to(device))
     )

@@ -2,6 +2,8 @@
 built by hand, and the one-line errors for missing or broken weights. Models are tiny random
 stand-ins built here (no download)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +204,15 @@ def test_clip_score_is_the_cosine_of_the_embeddings(tiny_clip):
     assert got.shape == (3,)
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-5)
     assert (got.abs() <= 1).all()
+
+
+def test_clip_score_runs_a_half_precision_model(tiny_clip):
+    model, processor = tiny_clip
+    images, prompts = torch.rand(2, 3, 32, 32), ["a cat", "a dog"]
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    got = metrics.clip_score(half, processor, images, prompts)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, metrics.clip_score(model, processor, images, prompts), rtol=0, atol=0.05)
 
 
 def test_clip_score_checks_its_inputs(tiny_clip):
