@@ -14,8 +14,8 @@ are saved as served. ``DIR/report.csv`` says what happened to every index in the
 
 Downloads run a few at a time in threads, with a timeout for connecting and for every read, a few
 retries with exponential backoff for transient failures (HTTP 5xx, 408, 429, timeouts, dropped
-connections; never a 404), a size cap, and a check that the content is an image (Pillow ``verify``).
-Each image is written atomically (:func:`memcore.io.atomic_file`) by the main thread, so an
+connections; never a 404 or a host name that does not resolve), a size cap, and a check that the
+content is an image (Pillow ``verify``). Each image is written atomically (:func:`memcore.io.atomic_file`) by the main thread, so an
 interrupted run leaves complete images only; a second run skips the images already there and valid.
 Proxies come from ``HTTP_PROXY``/``HTTPS_PROXY``/``NO_PROXY`` as urllib reads them by default.
 """
@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import csv
+import functools
 import http.client
 import io
 import math
@@ -102,13 +103,15 @@ class SetURLs:
     rows: tuple[int, ...]
 
 
+@functools.cache
 def _file_urls(file: str) -> tuple[str | None, ...] | None:
     """The ``URL`` column of built-in CSV ``file``, one entry per prompt (as ``load_prompts`` reads the
     file: blank lines and empty captions skipped); None when the file has no such column."""
     if not file.endswith(".csv"):
         return None
     text = (resources.files("memcore") / "data" / file).read_text(encoding="utf-8-sig")
-    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=";", strict=True) if any(c.strip() for c in row)]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=";", strict=True)
+    rows = [row for row in reader if any(c.strip() for c in row)]
     header = [c.strip() for c in rows[0]]
     if "URL" not in header:
         return None
@@ -129,10 +132,8 @@ def image_urls(name: str) -> SetURLs:
         raise MemcoreError(f"{name}: not a built-in prompt set ('memcore data' lists them)")
     urls = _file_urls(found.file)
     if urls is None or not any(urls):
-        with_urls = [s.name for s in datasets.builtin_sets() if s.indices is None and any(_file_urls(s.file) or ())]
-        raise MemcoreError(
-            f"{name}: this set has no image URLs (sets with URLs: {', '.join(with_urls)}, and the numbered subsets of sdv1-500)"
-        )
+        with_urls = ", ".join(s.name for s in datasets.builtin_sets() if s.indices is None and any(_file_urls(s.file) or ()))
+        raise MemcoreError(f"{name}: this set has no image URLs (sets with URLs: {with_urls}, and the numbered subsets of sdv1-500)")
     rows = tuple(range(len(urls))) if found.indices is None else found.indices
     if len(rows) != found.rows or max(rows) >= len(urls):  # the file and the registry disagree: a bug
         raise RuntimeError(f"{name}: {len(urls)} URLs in {found.file} for {found.rows} prompts")
@@ -254,7 +255,9 @@ class _Download:
     status: str = "ok"
 
 
-def _download(index: int, url: str, timeout: float, retries: int, max_bytes: int, backoff: float, stop: threading.Event) -> _Download:
+def _download(
+    index: int, url: str, timeout: float, retries: int, max_bytes: int, backoff: float, stop: threading.Event
+) -> _Download:
     opener = _opener()
     for attempt in range(retries + 1):
         if stop.is_set():
@@ -304,7 +307,8 @@ class FetchResult:
             f"({self.counts.get('ok', 0)} downloaded, {self.counts.get('skipped', 0)} already there"
         )
         if failed:
-            text += ", missing: " + ", ".join(f"{n} {s}" for s, n in sorted(failed.items(), key=lambda x: (-x[1], x[0])))
+            most_first = sorted(failed.items(), key=lambda item: (-item[1], item[0]))
+            text += ", missing: " + ", ".join(f"{n} {status}" for status, n in most_first)
         return text + f") in {self.seconds:.1f} s; report {self.report}"
 
 
@@ -312,7 +316,9 @@ def _check_number(value, param: str, low, high, kind=int) -> None:
     ok = isinstance(value, kind) and not isinstance(value, bool) and math.isfinite(value) and low <= value <= high
     if not ok:
         what = "an integer" if kind is int else "a number"
-        raise MemcoreError("must be {what} in [{low}, {high}], got {got}", param=param, what=what, low=low, high=high, got=value)
+        raise MemcoreError(
+            "must be {what} in [{low}, {high}], got {got}", param=param, what=what, low=low, high=high, got=value
+        )
 
 
 def _existing(folder: Path, index: int, files: dict[int, list[Path]]) -> Path | None:
@@ -383,8 +389,10 @@ def fetch_images(
     written = False
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="memcore-fetch")
     try:
-        with tqdm(total=count, initial=count - len(todo), desc=f"fetch {name}", unit="image", disable=None if progress else True) as bar:
-            futures = [pool.submit(_download, i, urls.urls[i], timeout, retries, max_bytes, backoff, stop) for i in todo]
+        bar = tqdm(total=count, initial=count - len(todo), desc=f"fetch {name}", unit="image", disable=None if progress else True)
+        with bar:
+            args = (timeout, retries, max_bytes, backoff, stop)
+            futures = [pool.submit(_download, i, urls.urls[i], *args) for i in todo]
             for future in concurrent.futures.as_completed(futures):
                 done = future.result()
                 statuses[done.index] = done.status
@@ -418,4 +426,5 @@ def fetch_images(
     counts: dict[str, int] = {}
     for status in statuses:
         counts[status] = counts.get(status, 0) + 1
-    return FetchResult(name, Path(out_dir), statuses, files, sizes, report, time.perf_counter() - started, counts)
+    seconds = time.perf_counter() - started
+    return FetchResult(name, Path(out_dir), statuses, files, sizes, Path(out_dir) / REPORT, seconds, counts)

@@ -247,6 +247,7 @@ def test_cli_user_errors(urls, capsys, tmp_path):
     }
     for args, message in cases.items():
         assert message in user_error(capsys, tmp_path, "data", "fetch-images", *args), args
+    assert user_error(capsys, tmp_path, "data", "fetch-images", "memorize_0", "--out", tmp_path / "file").startswith("--out ")
     assert "which set" in user_error(capsys, tmp_path, "data", "fetch-images")
     assert user_error(capsys, tmp_path, "data", "sdv1-500", "--out", out).startswith("--out: only with memcore data fetch-images")
     assert user_error(capsys, tmp_path, "data", "sdv1-500", "--workers", "2").startswith("--workers: only with")
