@@ -12,7 +12,8 @@ subset, its index in the subset, not its row of ``sdv1-500``), zero-padded to 4 
 ``00007_2.png``). ``EXT`` follows the image's format (``.jpg``, ``.png``, ``.webp``...); the bytes
 are saved as served. ``DIR/report.csv`` says what happened to every index in the last run.
 
-Downloads run a few at a time in threads, with a timeout for connecting and for every read, a few
+Downloads run a few at a time in threads, with a timeout for connecting and for every read (and a
+limit on one try's whole time, :data:`ATTEMPT_SECONDS`), a few
 retries with exponential backoff for transient failures (HTTP 5xx, 408, 429, timeouts, dropped
 connections; never a 404 or a host name that does not resolve), a size cap, and a check that the
 content is an image (Pillow ``verify``). Each image is written atomically (:func:`memcore.io.atomic_file`) by the main thread, so an
@@ -49,6 +50,7 @@ __all__ = ["FetchResult", "fetch_images", "find_images", "image_name", "image_ur
 
 WORKERS, TIMEOUT, RETRIES = 8, 10.0, 3
 MAX_BYTES = 32 * 1024 * 1024  # a LAION image is well under this; a larger answer is not one
+ATTEMPT_SECONDS = 120.0  # the most one try may take (or timeout, if longer): a server trickling bytes is cut off
 BACKOFF = 1.0  # seconds before the first retry, doubled after each (with jitter)
 MAX_RETRY_AFTER = 30.0  # a server's Retry-After is honoured up to this
 CHUNK = 64 * 1024
@@ -200,9 +202,12 @@ def _get(opener, url: str, timeout: float, max_bytes: int, stop: threading.Event
             if length is not None and length.isdigit() and int(length) > max_bytes:
                 raise _Failed("too large")
             chunks, size = [], 0
-            while chunk := response.read(CHUNK):
+            deadline = time.monotonic() + max(ATTEMPT_SECONDS, timeout)
+            while chunk := response.read1(CHUNK):  # whatever has arrived, not a full CHUNK
                 if stop.is_set():
                     raise _Stopped
+                if time.monotonic() > deadline:
+                    raise _Failed("timeout", True)
                 size += len(chunk)
                 if size > max_bytes:
                     raise _Failed("too large")

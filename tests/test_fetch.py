@@ -8,6 +8,7 @@ timeout, and a page that is not an image.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import http.server
 import io
@@ -55,6 +56,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif kind == "slow":
             time.sleep(SLOW)
             self._send(200, _image(int(arg), "png"), "image/png")
+        elif kind == "trickle":  # a byte at a time, each well within the timeout: only the total is too long
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for byte in _image(int(arg), "png")[:40]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.05)
         elif kind == "text":
             self._send(200, b"<html>not an image</html>", "text/html")
         else:
@@ -184,6 +194,16 @@ def test_size_cap(urls, tmp_path):
     big = len(_image(300, "png"))
     result = fetch.fetch_images("sdv1-500", tmp_path / "s", max_bytes=big - 1, timeout=float(TIMEOUT), progress=False)
     assert result.statuses[:2] == ["too large", "ok"]
+
+
+def test_a_trickle_is_cut_off(urls, server, monkeypatch, tmp_path):
+    table, base = urls
+    table[0], table[1] = f"{base}/trickle/0", f"{base}/png/1"
+    monkeypatch.setattr(fetch, "ATTEMPT_SECONDS", 0.4)
+    started = time.monotonic()
+    result = fetch.fetch_images("sdv1-500", tmp_path / "t", timeout=float(TIMEOUT), retries=1, progress=False)
+    assert result.statuses[:2] == ["timeout", "ok"] and server.hits["/trickle/0"] == 2
+    assert time.monotonic() - started < 1.9  # two tries of 0.4 s, not two of the 2 s the answer takes
 
 
 def test_naming_convention():
