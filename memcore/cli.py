@@ -489,10 +489,6 @@ def cmd_generate(args) -> None:
     _emit(args, summary, f"wrote {summary['images']} images and {result.grid} ({width}x{height}){pruned}")
 
 
-FETCH_IMAGES = "fetch-images"
-FETCH_OPTIONS = ("out", "workers", "timeout", "retries")  # the options of fetch-images, None when not given
-
-
 def cmd_data(args) -> None:
     from memcore import datasets
 
@@ -528,6 +524,10 @@ def cmd_data(args) -> None:
         print(text, flush=True)
     except BrokenPipeError:  # piped into head, say: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+FETCH_IMAGES = "fetch-images"
+FETCH_OPTIONS = ("out", "workers", "timeout", "retries")  # the options of fetch-images, None when not given
 
 
 def _fetch_images(args) -> None:
