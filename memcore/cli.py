@@ -194,13 +194,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "data",
-        help="list the built-in prompt sets, or print the prompts of one",
+        help="list the built-in prompt sets, print the prompts of one, or fetch its training images",
         description="The prompt lists that ship with memcore: a set's name works wherever a prompt file does "
         "(--prompts sdv1-500, --subsets memorize_0..9). Without NAME, list the sets with their rows, source, "
-        "licence and what to cite; with NAME, print its prompts, one per line.",
+        "licence and what to cite; with NAME, print its prompts, one per line. 'fetch-images SET --out DIR' "
+        "downloads the training image of every prompt of a set with image URLs (sdv1-500, its subsets such as "
+        "memorize_0, laion-nomem-500) into DIR as NNNN.EXT, NNNN the prompt's index in SET (for a subset, in the "
+        "subset), with DIR/report.csv; an existing DIR is resumed into. The images belong to their owners "
+        "(see DATA.md).",
+        usage="memcore data [-h] [--json] [NAME]\n"
+        "       memcore data fetch-images SET --out DIR [--workers N] [--timeout S] [--retries N] [--json]",
     )
     p.add_argument("name", nargs="?", metavar="NAME", help="a built-in set, e.g. sdv1-500 or memorize_0: print its prompts")
+    p.add_argument("fetch_set", nargs="?", metavar="SET", help="after fetch-images: the set whose images to fetch")
     p.add_argument("--json", action="store_true", help="print machine-readable output on stdout")
+    fetch = p.add_argument_group("fetch-images SET")
+    fetch.add_argument("--out", metavar="DIR", help="folder for the images and report.csv (created if missing, else resumed)")
+    fetch.add_argument("--workers", type=int, metavar="N", help="downloads at a time (default 8)")
+    fetch.add_argument(
+        "--timeout", type=float, metavar="S", help="seconds to connect, and for each read (default 10)"
+    )
+    fetch.add_argument(
+        "--retries", type=int, metavar="N",
+        help="extra tries after a 5xx, 408, 429, timeout or dropped connection, with backoff (default 3)",
+    )
 
     p = sub.add_parser("env", help="show versions, devices and which kernel backends loaded")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -655,6 +672,14 @@ def _detection_figures(folder, pos, neg, curve) -> None:
 def cmd_data(args) -> None:
     from memcore import datasets
 
+    if args.name == FETCH_IMAGES:
+        _fetch_images(args)
+        return
+    if args.fetch_set is not None:
+        raise MemcoreError(f"{args.fetch_set}: one NAME only (to fetch a set's images: memcore data {FETCH_IMAGES} SET --out DIR)")
+    given = [dest for dest in FETCH_OPTIONS if getattr(args, dest) is not None]
+    if given:
+        raise MemcoreError(f"only with memcore data {FETCH_IMAGES} SET", param=given[0])
     if args.name is None and args.json:
         text = json.dumps([s.as_dict() for s in datasets.builtin_sets()], indent=2)
     elif args.name is None:
@@ -679,6 +704,31 @@ def cmd_data(args) -> None:
         print(text, flush=True)
     except BrokenPipeError:  # piped into head, say: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+FETCH_IMAGES = "fetch-images"
+FETCH_OPTIONS = ("out", "workers", "timeout", "retries")  # the options of fetch-images, None when not given
+
+
+def _fetch_images(args) -> None:
+    from memcore.fetch import fetch_images
+
+    if args.fetch_set is None:
+        raise MemcoreError(f"{FETCH_IMAGES}: which set? (memcore data {FETCH_IMAGES} SET --out DIR)")
+    if args.out is None:
+        raise MemcoreError(f"is required with {FETCH_IMAGES}", param="out")
+    settings = {dest: getattr(args, dest) for dest in ("workers", "timeout", "retries") if getattr(args, dest) is not None}
+    result = fetch_images(args.fetch_set, args.out, **settings)
+    summary = {
+        "set": result.name,
+        "out": str(result.out_dir),
+        "report": str(result.report),
+        "images": len(result.statuses),
+        "present": result.present,
+        "counts": result.counts,
+        "seconds": round(result.seconds, 3),
+    }
+    _emit(args, summary, result.summary())
 
 
 def cmd_env(args) -> None:
