@@ -34,6 +34,8 @@ _LAZY = {
     "load_pipeline": "memcore.models",
     "analyze": "memcore.analysis",
     "find_targets": "memcore.targets",
+    "DetectConfig": "memcore.detection",
+    "detection_scores": "memcore.detection",
     "ops": "memcore.ops",
 }
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
     from memcore import ops
     from memcore.analysis import analyze
     from memcore.config import Generation, LocalizeConfig
+    from memcore.detection import DetectConfig, detection_scores
     from memcore.localization import localize, localize_subsets
     from memcore.mask import Mask, compute_mask, load_mask, save_mask
     from memcore.models import load_pipeline
