@@ -6,6 +6,10 @@ its pruned counterpart start from the same noise. With a mask, every original is
 then the pipeline is pruned **in place** (no copy of the model is made) and the pruned images are
 generated: pass a pipeline you no longer need unpruned.
 
+With ``mitigation="wen"`` (not with a mask) every image is generated from a prompt embedding optimized
+first (:mod:`memcore.mitigation`, Wen et al., ICLR 2024), from the same x_T; the manifest records the
+settings and each image's optimization (steps, initial and final loss, seconds).
+
 The output folder, written atomically (an error leaves nothing behind)::
 
     out_dir/images/p{prompt:03d}_s{seed}.png          original images

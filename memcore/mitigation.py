@@ -54,7 +54,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from diffusers.hooks import HookRegistry, ModelHook
 
 from memcore.errors import MemcoreError
 
@@ -162,19 +161,20 @@ class _Captured(Exception):
     pass
 
 
-class _CaptureFirstCall(ModelHook):
-    """Records the arguments of the denoiser's first call and stops the pipeline there."""
-
-    def new_forward(self, module, *args, **kwargs):
-        self.args, self.kwargs = args, kwargs
-        raise _Captured
-
-
 def _first_call_inputs(pipe, prompts, latent, generation) -> tuple[tuple, dict]:
+    from diffusers.hooks import HookRegistry, ModelHook
+
     from memcore.driver import call_arguments
     from memcore.models import denoiser
 
-    hook = _CaptureFirstCall()
+    class CaptureFirstCall(ModelHook):
+        """Records the arguments of the denoiser's first call and stops the pipeline there."""
+
+        def new_forward(self, module, *args, **kwargs):
+            self.args, self.kwargs = args, kwargs
+            raise _Captured
+
+    hook = CaptureFirstCall()
     registry = HookRegistry.check_if_exists_or_initialize(denoiser(pipe))
     registry.register_hook(hook, CAPTURE_HOOK)
     try:
