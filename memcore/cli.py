@@ -162,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation (default 8)")
     p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
+    p.add_argument(
+        "--mitigation", choices=["none", "wen"], default="none",
+        help="wen: generate from prompt embeddings optimized until the first step's text-conditional noise norm "
+        "falls to --wen-target-loss (Wen et al., ICLR 2024; SD 1.x/2.x; not with --mask) (default none)",
+    )
+    p.add_argument("--wen-lr", type=float, help="with --mitigation wen: AdamW learning rate (default 0.05, Wen et al.'s)")
+    p.add_argument(
+        "--wen-target-loss", type=float, help="with --mitigation wen: stop at this loss (default 3, Wen et al.'s)"
+    )
+    p.add_argument(
+        "--wen-max-steps", type=int, help="with --mitigation wen: at most this many optimizer steps (default 10, Wen et al.'s)"
+    )
 
     p = sub.add_parser(
         "detect",
@@ -491,9 +503,15 @@ def cmd_generate(args) -> None:
     started = time.perf_counter()
     settings = {"steps": args.steps, "height": args.height, "width": args.width, "batch_size": args.batch_size}
     # before loading the model
+    wen = _wen_settings(args)
     _, seeds = check_generate_arguments(
-        parse_seeds(args.seeds), out_dir=args.out, mask=args.mask, guidance=args.guidance, **settings
+        parse_seeds(args.seeds), out_dir=args.out, mask=args.mask, guidance=args.guidance, mitigation=args.mitigation,
+        **settings,
     )
+    if wen is not None:
+        from memcore.mitigation import check_model_name
+
+        check_model_name(args.model)
     prompts = load_prompts(args.prompts)
     if args.mask:
         from memcore.mask import Mask
@@ -505,7 +523,8 @@ def cmd_generate(args) -> None:
 
     pipe = load_pipeline(args.model, args.device, args.dtype)
     result = generate(
-        pipe, prompts, seeds, out_dir=args.out, mask=args.mask, guidance=args.guidance, force=args.force, **settings
+        pipe, prompts, seeds, out_dir=args.out, mask=args.mask, guidance=args.guidance, force=args.force,
+        mitigation=args.mitigation, wen=wen, **settings,
     )
     summary = {
         "out": str(result.out_dir),
@@ -513,11 +532,33 @@ def cmd_generate(args) -> None:
         "grid_size": list(result.grid_size),
         "images": len(result.images) + len(result.pruned_images),
         "zeroed_weights": result.zeroed,
+        "mitigation": args.mitigation,
         "seconds": round(time.perf_counter() - started, 3),
     }
     width, height = result.grid_size
     pruned = f", pruned with {result.zeroed:,} weights zeroed" if result.zeroed is not None else ""
+    if wen is not None:
+        record = json.loads(result.manifest.read_text(encoding="utf-8"))["mitigation"]
+        summary["mitigation_seconds_per_image"] = record["seconds_per_image"]
+        pruned += (
+            f", mitigated (wen): {record['reached_target']} of {record['images']} reached loss "
+            f"{record['target_loss']:g}, {record['seconds_per_image']:.2f} s per image"
+        )
     _emit(args, summary, f"wrote {summary['images']} images and {result.grid} ({width}x{height}){pruned}")
+
+
+def _wen_settings(args):
+    """The WenSettings of --mitigation wen (checked), None otherwise; --wen-* flags need it."""
+    given = {name: getattr(args, f"wen_{name}") for name in ("lr", "target_loss", "max_steps")}
+    given = {name: value for name, value in given.items() if value is not None}
+    if args.mitigation != "wen":
+        if given:
+            flag = "--wen-" + next(iter(given)).replace("_", "-")
+            raise MemcoreError(f"{flag} is only used with --mitigation wen")
+        return None
+    from memcore.mitigation import WenSettings
+
+    return WenSettings(**given)
 
 
 OUT_PROMPTS_FORMATS = (".txt", ".jsonl")

@@ -6,6 +6,10 @@ its pruned counterpart start from the same noise. With a mask, every original is
 then the pipeline is pruned **in place** (no copy of the model is made) and the pruned images are
 generated: pass a pipeline you no longer need unpruned.
 
+With ``mitigation="wen"`` (not with a mask) every image is generated from a prompt embedding optimized
+first (:mod:`memcore.mitigation`, Wen et al., ICLR 2024), from the same x_T; the manifest records the
+settings and each image's optimization (steps, initial and final loss, seconds).
+
 The output folder, written atomically (an error leaves nothing behind)::
 
     out_dir/images/p{prompt:03d}_s{seed}.png          original images
@@ -29,6 +33,7 @@ inner width over at most two lines, then truncated with "...").
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -122,6 +127,7 @@ def check_generate_arguments(
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 8,
+    mitigation: str = "none",
 ) -> tuple[Path, list[int]]:
     """(out_dir, seeds) once the arguments of :func:`generate` that need no pipeline are known good.
 
@@ -135,7 +141,31 @@ def check_generate_arguments(
     check_guidance(guidance)
     if isinstance(mask, (str, os.PathLike)) and not os.path.isfile(mask):
         raise MemcoreError("no such file", param="mask", value=mask)
+    check_mitigation(mitigation, mask, guidance)
     return out, seeds
+
+
+def check_mitigation(mitigation: str, mask, guidance: float | None) -> None:
+    """One line unless ``mitigation`` is known and fits the other arguments (no mask with ``wen``: the
+    mitigated images and the pruned ones are two experiments; guidance above 1 when given)."""
+    from memcore.errors import Param
+    from memcore.mitigation import MITIGATIONS
+
+    if mitigation not in MITIGATIONS:
+        raise MemcoreError(f"must be one of {', '.join(MITIGATIONS)}, got {mitigation!r}", param="mitigation")
+    if mitigation == "none":
+        return
+    if mask is not None:
+        raise MemcoreError(
+            "cannot be combined with {mask}: generate the mitigated images and the pruned ones in two runs",
+            param="mitigation", value=mitigation, mask=Param("mask"),
+        )
+    if guidance is not None and guidance <= 1:
+        raise MemcoreError(
+            f"is {guidance:g}; the {mitigation} mitigation needs classifier-free guidance (an unconditional "
+            "branch to compare with), above 1",
+            param="guidance",
+        )
 
 
 def generate(
@@ -152,6 +182,8 @@ def generate(
     force: bool = False,
     batch_size: int = 8,
     progress: bool = True,
+    mitigation: str = "none",
+    wen=None,
 ) -> GenerateResult:
     """Generate every (prompt, seed) image, and with ``mask`` the same images after pruning.
 
@@ -165,11 +197,24 @@ def generate(
         force: apply a mask made from other weights of the same shapes.
         batch_size: prompts per pipeline call (all share the seed's x_T).
         progress: show a progress bar over images (on a terminal).
+        mitigation: ``"none"``, or ``"wen"``: generate every image from a prompt embedding optimized
+            first (Wen et al., ICLR 2024; :mod:`memcore.mitigation`); not with a mask.
+        wen: the :class:`memcore.mitigation.WenSettings` of ``"wen"`` (default: the published ones).
     """
     out, seeds = check_generate_arguments(
         seeds, out_dir=out_dir, mask=mask, steps=steps, guidance=guidance, height=height, width=width,
-        batch_size=batch_size,
+        batch_size=batch_size, mitigation=mitigation,
     )
+    if mitigation == "wen":
+        from memcore.mitigation import WenSettings, check_supported
+
+        if wen is None:
+            wen = WenSettings()
+        elif not isinstance(wen, WenSettings):
+            raise MemcoreError(f"must be a WenSettings, got a {type(wen).__name__}", param="wen")
+        check_supported(pipe)
+    elif wen is not None:
+        raise MemcoreError('is only used with mitigation="wen"', param="wen")
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise MemcoreError("expected a non-empty list of prompt strings", param="prompts")
     prompts = list(prompts)
@@ -182,6 +227,15 @@ def generate(
         mask_path, mask = str(mask), Mask.load(mask)
     if mask is not None:
         _check_mask(pipe, mask, force)  # before generating anything, not only when pruning
+    if mitigation == "wen":
+        from memcore.driver import is_guided
+
+        if not is_guided(pipe, settings):
+            raise MemcoreError(
+                f"is {settings.guidance:g} or ignored by this model; the wen mitigation needs classifier-free "
+                "guidance (an unconditional branch to compare with)",
+                param="guidance",
+            )
 
     from tqdm.auto import tqdm
 
@@ -198,7 +252,8 @@ def generate(
         tqdm(total=total, desc="generate", unit="image", disable=None if progress else True) as bar,
     ):
         (tmp / "images").mkdir()
-        _render(pipe, prompts, seeds, settings, batch_size, tmp, False, bar)
+        record = {} if mitigation == "wen" else None
+        _render(pipe, prompts, seeds, settings, batch_size, tmp, False, bar, wen=wen, record=record)
         if mask is not None:
             from memcore.pruning import prune
 
@@ -214,10 +269,12 @@ def generate(
             "settings": {k: v for k, v in settings.as_dict().items() if k not in ("seed", "call_timesteps")},
             "batch_size": batch_size,
             "mask": None if mask is None else _mask_summary(mask, mask_path, zeroed, force),
+            "mitigation": None if record is None else _mitigation_summary(wen, record),
             "grid": {"path": "grid.png", "size": list(size), "rows": "prompts", "columns": "seeds"},
             "images": [
                 {"prompt": i, "seed": s, "original": f"images/{image_name(i, s)}"}
                 | ({"pruned": f"images/{image_name(i, s, True)}"} if mask is not None else {})
+                | ({"mitigation": record[i, s]} if record is not None else {})
                 for i in range(len(prompts))
                 for s in seeds
             ],
@@ -269,8 +326,20 @@ def _mask_summary(mask, path: str | None, zeroed: int | None, force: bool) -> di
     }
 
 
-def _render(pipe, prompts, seeds, settings, batch_size: int, folder: Path, pruned: bool, bar) -> None:
-    """Generate and save every image: per seed, its x_T repeated over each batch of prompts."""
+def _mitigation_summary(wen, record: dict) -> dict:
+    seconds = sum(r["seconds"] for r in record.values())
+    return wen.as_dict() | {
+        "seconds": round(seconds, 3),
+        "seconds_per_image": round(seconds / len(record), 4),
+        "reached_target": sum(r["loss"] <= wen.target_loss for r in record.values()),
+        "images": len(record),
+    }
+
+
+def _render(pipe, prompts, seeds, settings, batch_size: int, folder: Path, pruned: bool, bar, wen=None, record=None) -> None:
+    """Generate and save every image: per seed, its x_T repeated over each batch of prompts. With
+    ``wen`` (:class:`memcore.mitigation.WenSettings`), from optimized prompt embeddings, recording each
+    image's optimization into ``record[prompt, seed]``."""
     from memcore.driver import call_arguments, initial_latent
 
     for seed in seeds:
@@ -280,10 +349,32 @@ def _render(pipe, prompts, seeds, settings, batch_size: int, folder: Path, prune
             # The generator only matters to schedulers that add noise while stepping (ancestral ones):
             # seeded the same way, it makes that noise the same for the original and the pruned model.
             generator = torch.Generator(device=latent.device).manual_seed(seed)
-            images = pipe(**call_arguments(pipe, batch, latent, settings), generator=generator, output_type="pil").images
+            arguments = call_arguments(pipe, batch, latent, settings)
+            if wen is not None:
+                arguments = _wen_arguments(pipe, arguments, batch, start, seed, latent, settings, wen, record)
+            images = pipe(**arguments, generator=generator, output_type="pil").images
             for offset, image in enumerate(images):
                 image.save(folder / "images" / image_name(start + offset, seed, pruned))
             bar.update(len(batch))
+
+
+def _wen_arguments(pipe, arguments: dict, batch, start: int, seed: int, latent, settings, wen, record: dict) -> dict:
+    """The pipeline's arguments with the prompts replaced by their optimized embeddings."""
+    from memcore.mitigation import wen_prompt_embeds
+
+    started = time.perf_counter()
+    result = wen_prompt_embeds(pipe, batch, latent, settings, wen.lr, wen.target_loss, wen.max_steps)
+    share = (time.perf_counter() - started - sum(result.seconds)) / len(batch)  # text encoding, shared
+    for offset, losses in enumerate(result.losses):
+        record[start + offset, seed] = {
+            "steps": len(losses) - 1,
+            "initial_loss": losses[0],
+            "loss": losses[-1],
+            "reached_target": losses[-1] <= wen.target_loss,
+            "seconds": round(result.seconds[offset] + share, 4),
+        }
+    arguments = {k: v for k, v in arguments.items() if k != "prompt"}
+    return arguments | {"prompt_embeds": result.prompt_embeds, "negative_prompt_embeds": result.negative_prompt_embeds}
 
 
 def _draw_grid(folder: Path, prompts, seeds, width: int, height: int, pruned: bool) -> tuple[int, int]:
