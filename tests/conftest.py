@@ -22,3 +22,14 @@ def tiny_pipe():
 @pytest.fixture
 def prompts():
     return ["a painting of a fox", "the great wave, print", "portrait of a man in a hat"]
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails the test if the model is loaded: the mistake under test must be refused first."""
+    import memcore.models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments, inputs and outputs were checked")
+
+    monkeypatch.setattr(memcore.models, "load_pipeline", refuse)

@@ -314,17 +314,6 @@ def saved(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if the model is loaded: bad arguments are refused first."""
-    import memcore.models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the arguments were checked")
-
-    monkeypatch.setattr(memcore.models, "load_pipeline", refuse)
-
-
 def error_line(capsys, tmp_path, argv) -> str:
     before = set(os.listdir(tmp_path))
     code, out, err = run(capsys, *argv)

@@ -32,17 +32,6 @@ GENERATE = ["--steps", "2", "--height", "64", "--width", "64", "--seeds", "0"]
 
 
 @pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if the model is loaded: these mistakes are refused first."""
-    import memcore.models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr(memcore.models, "load_pipeline", refuse)
-
-
-@pytest.fixture
 def good(tmp_path):
     path = tmp_path / "good.txt"
     path.write_text("a painting of a fox\nthe great wave\n")

@@ -35,17 +35,6 @@ def leftovers(folder) -> list[str]:
     return sorted(p for p in listing(folder) if p.endswith((".tmp", ".lock")) or ".tmp/" in p)
 
 
-@pytest.fixture
-def no_model(monkeypatch):
-    """Fails the test if the model is loaded: bad outputs are refused first."""
-    import memcore.models
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the outputs were checked")
-
-    monkeypatch.setattr(memcore.models, "load_pipeline", refuse)
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A prompt file, statistics of tau = 2 on the tiny model and their mask (with per-step data)."""
