@@ -163,6 +163,16 @@ class Generation:
         return asdict(self)
 
 
+def check_calls(generation: Generation, timesteps: int) -> int:
+    """``timesteps`` (tau) once it is known to fit within the denoiser calls of ``generation``."""
+    total_calls = len(generation.call_timesteps)
+    if timesteps > total_calls:
+        raise MemcoreError(
+            f"{timesteps} is more than the {total_calls} denoiser calls of {generation.steps} steps", param="timesteps"
+        )
+    return timesteps
+
+
 def resolve_generation(pipe, config: LocalizeConfig, *, images: int = 1, decode: bool = False) -> Generation:
     """Fill the config's ``None`` settings from the pipeline's ``__call__`` defaults and configs.
 

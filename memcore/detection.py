@@ -149,7 +149,7 @@ def detection_scores(pipe, prompts: list[str], config: DetectConfig | None = Non
     For each seed, the prompts run in batches of ``config.batch_size`` from that seed's x_T, through
     the pipeline's own ``__call__``, for the first ``config.timesteps`` denoiser calls.
     """
-    from memcore.config import resolve_generation
+    from memcore.config import check_calls, resolve_generation
     from memcore.driver import initial_latent, is_guided, run_first_calls, truncation_reported_once
     from memcore.models import denoiser, model_id
 
@@ -167,12 +167,7 @@ def detection_scores(pipe, prompts: list[str], config: DetectConfig | None = Non
         raise MemcoreError(
             f"{why}; detection needs classifier-free guidance (a guided batch), e.g. 7.5", param="guidance"
         )
-    tau = config.timesteps
-    total_calls = len(generation.call_timesteps)
-    if tau > total_calls:
-        raise MemcoreError(
-            f"{tau} is more than the {total_calls} denoiser calls of {generation.steps} steps", param="timesteps"
-        )
+    tau = check_calls(generation, config.timesteps)
     net = denoiser(pipe)
     noise_channels = net.config.in_channels
     batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]

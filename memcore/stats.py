@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from memcore._version import __version__
-from memcore.config import LocalizeConfig, resolve_generation
+from memcore.config import LocalizeConfig, check_calls, resolve_generation
 from memcore.errors import MemcoreError
 from memcore.io import atomic_file
 from memcore.prompts import BuiltinPrompts
@@ -134,12 +134,7 @@ def collect_subset_stats(
         raise MemcoreError("empty; nothing to localize", param="subsets")
     distinct = len({prompt for prompts in subsets.values() for prompt in prompts})
     generation = resolve_generation(pipe, config, images=min(config.batch_size, distinct))
-    tau = config.timesteps
-    total_calls = len(generation.call_timesteps)
-    if tau > total_calls:
-        raise MemcoreError(
-            f"{tau} is more than the {total_calls} denoiser calls of {generation.steps} steps", param="timesteps"
-        )
+    tau = check_calls(generation, config.timesteps)
 
     net = denoiser(pipe)
     targets = find_targets(pipe, config.target)

@@ -7,6 +7,7 @@ possible) and through the library (``load_prompts``, ``LocalizeConfig``, ``gener
 
 from __future__ import annotations
 
+import re
 import codecs
 import math
 import os
@@ -515,3 +516,11 @@ def test_memory_in_library_words(tmp_path, pipes, little_memory):
     )
     with pytest.raises(MemcoreError, match=r"^height=64 and width=64 need at least 8\.0 KiB .* lower them$"):
         memcore.localize(pipes("tiny"), ["a"], LocalizeConfig(timesteps=1, steps=2, height=64, width=64))
+
+
+@pytest.mark.parametrize("command", ["localize", "detect"])
+def test_more_timesteps_than_the_denoiser_calls(tmp_path, capsys, good, command):
+    out = tmp_path / ("m.safetensors" if command == "localize" else "d")
+    message = user_error(capsys, tmp_path, command, "--model", "tiny", "--prompts", good, "--steps", "2",
+                         "--timesteps", "50", "--height", "64", "--width", "64", "--out", out)
+    assert re.fullmatch(r"--timesteps: 50 is more than the \d+ denoiser calls of 2 steps", message), message
