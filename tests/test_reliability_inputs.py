@@ -7,10 +7,10 @@ possible) and through the library (``load_prompts``, ``LocalizeConfig``, ``gener
 
 from __future__ import annotations
 
-import re
 import codecs
 import math
 import os
+import re
 import socket
 import stat
 from types import SimpleNamespace
