@@ -520,12 +520,16 @@ def cmd_generate(args) -> None:
 
     from memcore.generate import generate
     from memcore.models import load_pipeline
+    from memcore.runs import processes
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    result = generate(
-        pipe, prompts, seeds, out_dir=args.out, mask=args.mask, guidance=args.guidance, force=args.force,
-        mitigation=args.mitigation, wen=wen, **settings,
-    )
+    with processes(args.device) as (ranks, device):
+        pipe = load_pipeline(args.model, device, args.dtype)
+        result = generate(
+            pipe, prompts, seeds, out_dir=args.out, mask=args.mask, guidance=args.guidance, force=args.force,
+            mitigation=args.mitigation, wen=wen, ranks=ranks, **settings,
+        )
+    if not ranks.main:
+        return
     summary = {
         "out": str(result.out_dir),
         "grid": str(result.grid),
@@ -603,12 +607,30 @@ def cmd_detect(args) -> None:
                     param="out_prompts",
                 )
 
-    from memcore.detection import detection_scores
-    from memcore.models import load_pipeline
+    import dataclasses
 
-    pipe = load_pipeline(args.model, args.device, args.dtype)
-    result = detection_scores(pipe, [*prompts, *control], config)
-    summary = _write_detection(args, out, out_prompts, result, len(prompts), started)
+    import torch
+
+    from memcore.detection import detection_scores
+    from memcore.models import load_pipeline, model_id
+
+    from memcore.runs import Run, processes
+    from memcore.stats import prompts_sha256
+
+    with processes(args.device) as (ranks, device):
+        pipe = load_pipeline(args.model, device, args.dtype)
+        settings = {
+            "model": model_id(pipe), "dtype": str(pipe.dtype).removeprefix("torch."),
+            "device": torch.device(pipe.device).type, "prompts_sha256": prompts_sha256([*prompts, *control]),
+            "prompts": len(prompts), "control": len(control),
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items() if k != "progress"},
+        }
+        with Run(out, kind="detect", settings=settings, ranks=ranks) as run:
+            result = detection_scores(pipe, [*prompts, *control], config, run=run, ranks=ranks)
+            if ranks.main:
+                summary = _write_detection(args, run.folder, out, out_prompts, result, len(prompts), started)
+    if not ranks.main:
+        return
     line = (
         f"wrote {len(summary['files'])} files into {out}: {len(prompts)} prompts"
         + (f" and {len(control)} control prompts" if control else "")
@@ -622,14 +644,15 @@ def cmd_detect(args) -> None:
     _emit(args, summary, line)
 
 
-def _write_detection(args, out, out_prompts, result, num_prompts: int, started: float) -> dict:
-    """scores.csv, summary.json, histogram.png (and roc.png with a control) into ``out``, and the top prompts."""
+def _write_detection(args, tmp, out, out_prompts, result, num_prompts: int, started: float) -> dict:
+    """scores.csv, summary.json, histogram.png (and roc.png with a control) into ``tmp`` (the folder
+    that becomes ``out``), and the top prompts."""
     import csv
 
     import numpy as np
 
     from memcore.detection import roc
-    from memcore.io import atomic_dir, atomic_file
+    from memcore.io import atomic_file
 
     scores, per_call = result.scores, result.per_call
     sets = ["prompts"] * num_prompts + ["control"] * (len(result.prompts) - num_prompts)
@@ -660,14 +683,13 @@ def _write_detection(args, out, out_prompts, result, num_prompts: int, started: 
         "top": [{"index": i, "prompt": result.prompts[i], "score": float(scores[i])} for i in top],
         "seconds": round(time.perf_counter() - started, 3),
     }
-    with contextlib.ExitStack() as outputs:  # the folder and the prompt file are renamed into place together
+    with contextlib.ExitStack() as outputs:  # the prompt file is renamed into place just before the folder
         if out_prompts is not None:
             path = outputs.enter_context(atomic_file(out_prompts))
             with open(path, "w", encoding="utf-8", newline="\n") as f:
                 for i in top:
                     prompt = result.prompts[i]
                     f.write((json.dumps({"prompt": prompt}, ensure_ascii=False) if out_prompts.suffix.lower() == ".jsonl" else prompt) + "\n")
-        tmp = outputs.enter_context(atomic_dir(out))
         with open(tmp / "scores.csv", "w", encoding="utf-8", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["index", "set", "prompt", "score", *(f"call_{t}" for t in range(per_call.shape[1]))])
@@ -843,9 +865,27 @@ COMMANDS = {
 }
 
 
+PARALLEL_COMMANDS = ("generate", "evaluate", "detect")
+"""Commands that share their work among the processes of a ``torchrun`` launch (memcore.runs)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from memcore.runs import launched_ranks
+
+    try:
+        ranks = launched_ranks()
+    except MemcoreError as exc:
+        print(f"memcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if ranks.world > 1 and args.command not in PARALLEL_COMMANDS:
+        print(
+            f"memcore {args.command}: error: runs in one process; launch it without torchrun "
+            f"(under torchrun: {', '.join(PARALLEL_COMMANDS)})",
+            file=sys.stderr,
+        )
+        return 2
     # No handler is configured: logging's last-resort handler prints warnings as bare lines on stderr.
     # transformers warns at import about optional image backends that memcore never uses
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

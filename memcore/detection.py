@@ -143,11 +143,17 @@ class TextConditionalNormHook(ModelHook):
         return output
 
 
-def detection_scores(pipe, prompts: list[str], config: DetectConfig | None = None) -> DetectionScores:
+def detection_scores(
+    pipe, prompts: list[str], config: DetectConfig | None = None, *, run=None, ranks=None
+) -> DetectionScores | None:
     """The memorization score of every prompt (Wen et al., ICLR 2024; see the module docstring).
 
     For each seed, the prompts run in batches of ``config.batch_size`` from that seed's x_T, through
     the pipeline's own ``__call__``, for the first ``config.timesteps`` denoiser calls.
+
+    With ``run`` (a :class:`memcore.runs.Run`) each batch's norms are recorded in it, batches it
+    holds already are skipped, and the processes of a ``torchrun`` launch (``ranks``) share the
+    batches: process 0 returns every score, the others ``None``.
     """
     from memcore.config import check_calls, resolve_generation
     from memcore.driver import initial_latent, is_guided, run_first_calls, truncation_reported_once
@@ -170,8 +176,14 @@ def detection_scores(pipe, prompts: list[str], config: DetectConfig | None = Non
     tau = check_calls(generation, config.timesteps)
     net = denoiser(pipe)
     noise_channels = net.config.in_channels
-    batches = [prompts[i : i + config.batch_size] for i in range(0, len(prompts), config.batch_size)]
+    from memcore.generate import work_items
+    from memcore.runs import Ranks
+
+    ranks = ranks or Ranks()
+    items = work_items(len(prompts), list(config.seeds), config.batch_size, "detect")
+    todo = [item for item in ranks.mine(items) if run is None or not run.done(item.key)]
     norms = np.zeros((len(prompts), len(config.seeds), tau), dtype=np.float64)
+    column = {seed: s for s, seed in enumerate(config.seeds)}
     hook = TextConditionalNormHook(tau, noise_channels)
     registry = HookRegistry.check_if_exists_or_initialize(net)
     registry.register_hook(hook, HOOK_NAME)
@@ -181,22 +193,30 @@ def detection_scores(pipe, prompts: list[str], config: DetectConfig | None = Non
             torch.no_grad(),
             truncation_reported_once(pipe),
             tqdm(
-                total=len(config.seeds) * len(batches) * tau, desc="denoiser calls", unit="call",
-                disable=None if config.progress else True,
+                total=len(todo) * tau, desc="denoiser calls" if ranks.world == 1 else f"denoiser calls ({ranks})",
+                unit="call", disable=None if config.progress and ranks.main else True,
             ) as bar,
         ):
-            for s, seed in enumerate(config.seeds):
-                latent = initial_latent(pipe, replace(generation, seed=seed))
-                first = 0
-                for batch in batches:
-                    hook.start()
-                    run_first_calls(pipe, batch, latent, generation, tau, on_call=bar.update)
-                    if len(hook.norms) != tau:
-                        raise MemcoreError(f"detect: {len(hook.norms)} denoiser calls seen, {tau} expected")
-                    norms[first : first + len(batch), s, :] = torch.stack(hook.norms, dim=1).double().numpy()
-                    first += len(batch)
+            latents = {}
+            for item in todo:
+                if item.seed not in latents:
+                    latents = {item.seed: initial_latent(pipe, replace(generation, seed=item.seed))}
+                hook.start()
+                run_first_calls(pipe, [prompts[i] for i in item.prompts], latents[item.seed], generation, tau, on_call=bar.update)
+                if len(hook.norms) != tau:
+                    raise MemcoreError(f"detect: {len(hook.norms)} denoiser calls seen, {tau} expected")
+                block = torch.stack(hook.norms, dim=1).double().numpy()
+                norms[item.prompts.start : item.prompts.stop, column[item.seed], :] = block
+                if run is not None:
+                    run.record(item.key, [], {"norms": block})
     finally:
         registry.remove_hook(HOOK_NAME, recurse=False)
+    if run is not None:
+        run.gather()
+        if not ranks.main:
+            return None
+        for item, (_, arrays) in zip(items, run.load_all([item.key for item in items])):
+            norms[item.prompts.start : item.prompts.stop, column[item.seed], :] = arrays["norms"]
     metadata = {
         "model_id": model_id(pipe),
         "dtype": str(net.dtype).removeprefix("torch."),

@@ -10,7 +10,12 @@ With ``mitigation="wen"`` (not with a mask) every image is generated from a prom
 first (:mod:`memcore.mitigation`, Wen et al., ICLR 2024), from the same x_T; the manifest records the
 settings and each image's optimization (steps, initial and final loss, seconds).
 
-The output folder, written atomically (an error leaves nothing behind)::
+Under ``torchrun`` the processes share the pipeline calls (:mod:`memcore.runs`); each call is one
+seed's x_T over a batch of prompts, cut the same way for any number of processes, so the images are
+the same bytes. The folder is written in ``out_dir.partial`` and renamed to ``out_dir`` when whole; a
+stopped run keeps its finished calls there, and the same command run again resumes it. Each PNG
+carries a ``memcore`` text chunk (JSON: prompt, prompt index, seed, model, dtype, settings, mask
+sha256, mitigation). The output folder::
 
     out_dir/images/p{prompt:03d}_s{seed}.png          original images
     out_dir/images/p{prompt:03d}_s{seed}_pruned.png   pruned images (with a mask)
@@ -32,6 +37,7 @@ inner width over at most two lines, then truncated with "...").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -48,7 +54,7 @@ from memcore.config import (
     resolve_generation,
 )
 from memcore.errors import MemcoreError
-from memcore.io import atomic_dir, check_output_dir
+from memcore.io import check_output_dir
 from memcore.schema import IMAGES as MANIFEST_FORMAT
 from memcore.schema import check, dumps, parse
 
@@ -184,6 +190,7 @@ def generate(
     progress: bool = True,
     mitigation: str = "none",
     wen=None,
+    ranks=None,
 ) -> GenerateResult:
     """Generate every (prompt, seed) image, and with ``mask`` the same images after pruning.
 
@@ -195,6 +202,9 @@ def generate(
         out_dir: the folder to create; it must not exist.
         steps, guidance, height, width: generation settings, ``None`` for the pipeline's defaults.
         force: apply a mask made from other weights of the same shapes.
+        ranks: this process's place among the processes of a ``torchrun`` launch
+            (:func:`memcore.runs.start_processes`); each takes its share of the pipeline calls and
+            process 0 writes the grid and the manifest. Default: one process.
         batch_size: prompts per pipeline call (all share the seed's x_T).
         progress: show a progress bar over images (on a terminal).
         mitigation: ``"none"``, or ``"wen"``: generate every image from a prompt embedding optimized
@@ -239,48 +249,77 @@ def generate(
 
     from tqdm.auto import tqdm
 
-    from memcore.models import model_id
-
-    pipe.set_progress_bar_config(disable=True)
-    total = len(prompts) * len(seeds) * (2 if mask is not None else 1)
-    zeroed = None
     from memcore.driver import truncation_reported_once
+    from memcore.models import model_id
+    from memcore.runs import Ranks, Run
+    from memcore.stats import prompts_sha256
 
-    with (
-        atomic_dir(out) as tmp,
-        truncation_reported_once(pipe),
-        tqdm(total=total, desc="generate", unit="image", disable=None if progress else True) as bar,
-    ):
-        (tmp / "images").mkdir()
-        record = {} if mitigation == "wen" else None
-        _render(pipe, prompts, seeds, settings, batch_size, tmp, False, bar, wen=wen, record=record)
-        if mask is not None:
-            from memcore.pruning import prune
+    ranks = ranks or Ranks()
+    pipe.set_progress_bar_config(disable=True)
+    phases = [False, True] if mask is not None else [False]
+    items = {pruned: work_items(len(prompts), seeds, batch_size, "pruned" if pruned else "original") for pruned in phases}
+    mask_hash = None if mask is None else mask_sha256(mask)
+    png = {"model": model_id(pipe), "dtype": str(pipe.dtype).removeprefix("torch."),
+           "settings": {k: v for k, v in settings.as_dict().items() if k not in ("seed", "call_timesteps")}}
+    run_settings = png | {
+        "device": torch.device(pipe.device).type,
+        "prompts_sha256": prompts_sha256(prompts),
+        "prompts": len(prompts),
+        "seeds": seeds,
+        "batch_size": batch_size,
+        "mask_sha256": mask_hash,
+        "force": force,
+        "mitigation": None if wen is None else wen.as_dict(),
+    }
+    zeroed = None
+    with Run(out, kind="generate", settings=run_settings, ranks=ranks) as run, truncation_reported_once(pipe):
+        folder = run.folder
+        (folder / "images").mkdir(exist_ok=True)
+        mine = [item for pruned in phases for item in ranks.mine(items[pruned])]
+        with tqdm(
+            total=sum(len(item.prompts) for item in mine), initial=sum(len(i.prompts) for i in mine if run.done(i.key)),
+            desc="generate" if ranks.world == 1 else f"generate ({ranks})", unit="image",
+            disable=None if progress and ranks.main else True,
+        ) as bar:
+            for pruned in phases:
+                if pruned:
+                    from memcore.pruning import prune
 
-            zeroed = prune(pipe, mask, force=force)
-            _render(pipe, prompts, seeds, settings, batch_size, tmp, True, bar)
-        size = _draw_grid(tmp, prompts, seeds, settings.width, settings.height, mask is not None)
-        manifest = {
-            "format": MANIFEST_FORMAT,
-            "model_id": model_id(pipe),
-            "dtype": str(pipe.dtype).removeprefix("torch."),
-            "prompts": prompts,
-            "seeds": seeds,
-            "settings": {k: v for k, v in settings.as_dict().items() if k not in ("seed", "call_timesteps")},
-            "batch_size": batch_size,
-            "mask": None if mask is None else _mask_summary(mask, mask_path, zeroed, force),
-            "mitigation": None if record is None else _mitigation_summary(wen, record),
-            "grid": {"path": "grid.png", "size": list(size), "rows": "prompts", "columns": "seeds"},
-            "images": [
-                {"prompt": i, "seed": s, "original": f"images/{image_name(i, s)}"}
-                | ({"pruned": f"images/{image_name(i, s, True)}"} if mask is not None else {})
-                | ({"mitigation": record[i, s]} if record is not None else {})
-                for i in range(len(prompts))
-                for s in seeds
-            ],
-        }
-        check(str(out / "manifest.json") + " (not written)", manifest, MANIFEST_FORMAT, folder=tmp)
-        (tmp / "manifest.json").write_text(dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+                    run.gather()  # every original is written before any process prunes
+                    zeroed = prune(pipe, mask, force=force)
+                todo = [item for item in ranks.mine(items[pruned]) if not run.done(item.key)]
+                info = png | {"mask_sha256": mask_hash if pruned else None, "mitigation": "wen" if wen is not None and not pruned else None}
+                _render(pipe, prompts, todo, settings, folder, pruned, bar, run, info, wen=None if pruned else wen)
+        run.gather()
+        if ranks.main:
+            record = None
+            if wen is not None:
+                record = {(row["prompt"], row["seed"]): row["mitigation"]
+                          for rows, _ in run.load_all([i.key for i in items[False]]) for row in rows}
+            size = _draw_grid(folder, prompts, seeds, settings.width, settings.height, mask is not None)
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "model_id": png["model"],
+                "dtype": png["dtype"],
+                "prompts": prompts,
+                "seeds": seeds,
+                "settings": png["settings"],
+                "batch_size": batch_size,
+                "mask": None if mask is None else _mask_summary(mask, mask_path, zeroed, force),
+                "mitigation": None if record is None else _mitigation_summary(wen, record),
+                "grid": {"path": "grid.png", "size": list(size), "rows": "prompts", "columns": "seeds"},
+                "images": [
+                    {"prompt": i, "seed": s, "original": f"images/{image_name(i, s)}"}
+                    | ({"pruned": f"images/{image_name(i, s, True)}"} if mask is not None else {})
+                    | ({"mitigation": record[i, s]} if record is not None else {})
+                    for i in range(len(prompts))
+                    for s in seeds
+                ],
+            }
+            check(str(out / "manifest.json") + " (not written)", manifest, MANIFEST_FORMAT, folder=folder)
+            (folder / "manifest.json").write_text(dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        else:
+            size = grid_size(len(prompts), len(seeds), settings.width, settings.height, mask is not None)
     names = [(i, s) for i in range(len(prompts)) for s in seeds]
     return GenerateResult(
         out_dir=out,
@@ -291,6 +330,65 @@ def generate(
         manifest=out / "manifest.json",
         zeroed=zeroed,
     )
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One pipeline call: the prompts ``start .. start + len(prompts) - 1`` under one seed's x_T."""
+
+    phase: str
+    seed: int
+    start: int
+    prompts: range
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase}-s{self.seed}-p{self.start}"
+
+
+def work_items(num_prompts: int, seeds: list[int], batch_size: int, phase: str) -> list[WorkItem]:
+    """The calls that make every image of a phase, seed-major, each batch cut as one process would
+    cut it: whichever process takes an item computes exactly the same images."""
+    return [
+        WorkItem(phase, seed, start, range(start, min(start + batch_size, num_prompts)))
+        for seed in seeds
+        for start in range(0, num_prompts, batch_size)
+    ]
+
+
+def mask_sha256(mask) -> str:
+    """sha256 of a mask's metadata (JSON, sorted keys) and its packed tensors (sorted by layer)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(mask.metadata, sort_keys=True, default=str).encode())
+    for name in sorted(mask.layers):
+        digest.update(name.encode())
+        digest.update(mask.layers[name].contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_png(image, path: Path, info: dict) -> None:
+    """Save ``image`` as a PNG whose ``memcore`` text chunk holds ``info`` (JSON), atomically
+    (a temporary beside it, then a rename): a stopped run never leaves half an image."""
+    import json
+    import tempfile
+
+    from PIL.PngImagePlugin import PngInfo
+
+    chunk = PngInfo()
+    chunk.add_text("memcore", json.dumps(info, ensure_ascii=False, sort_keys=True), zip=False)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=chunk)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        tmp = None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
 
 def load_manifest(folder: str | os.PathLike) -> dict:
@@ -336,26 +434,33 @@ def _mitigation_summary(wen, record: dict) -> dict:
     }
 
 
-def _render(pipe, prompts, seeds, settings, batch_size: int, folder: Path, pruned: bool, bar, wen=None, record=None) -> None:
-    """Generate and save every image: per seed, its x_T repeated over each batch of prompts. With
-    ``wen`` (:class:`memcore.mitigation.WenSettings`), from optimized prompt embeddings, recording each
-    image's optimization into ``record[prompt, seed]``."""
+def _render(pipe, prompts, items, settings, folder: Path, pruned: bool, bar, run, info: dict, wen=None) -> None:
+    """Generate and save the images of ``items`` (each: one seed's x_T repeated over a batch of
+    prompts), then record each item in ``run``. With ``wen`` (:class:`memcore.mitigation.WenSettings`),
+    from optimized prompt embeddings, recording each image's optimization in the item's rows."""
     from memcore.driver import call_arguments, initial_latent
 
-    for seed in seeds:
-        latent = initial_latent(pipe, replace(settings, seed=seed))
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start : start + batch_size]
-            # The generator only matters to schedulers that add noise while stepping (ancestral ones):
-            # seeded the same way, it makes that noise the same for the original and the pruned model.
-            generator = torch.Generator(device=latent.device).manual_seed(seed)
-            arguments = call_arguments(pipe, batch, latent, settings)
-            if wen is not None:
-                arguments = _wen_arguments(pipe, arguments, batch, start, seed, latent, settings, wen, record)
-            images = pipe(**arguments, generator=generator, output_type="pil").images
-            for offset, image in enumerate(images):
-                image.save(folder / "images" / image_name(start + offset, seed, pruned))
-            bar.update(len(batch))
+    latents = {}
+    for item in items:
+        if item.seed not in latents:
+            latents = {item.seed: initial_latent(pipe, replace(settings, seed=item.seed))}
+        latent = latents[item.seed]
+        batch = [prompts[i] for i in item.prompts]
+        # The generator only matters to schedulers that add noise while stepping (ancestral ones):
+        # seeded the same way, it makes that noise the same for the original and the pruned model.
+        generator = torch.Generator(device=latent.device).manual_seed(item.seed)
+        arguments = call_arguments(pipe, batch, latent, settings)
+        record = {}
+        if wen is not None:
+            arguments = _wen_arguments(pipe, arguments, batch, item.start, item.seed, latent, settings, wen, record)
+        images = pipe(**arguments, generator=generator, output_type="pil").images
+        rows = []
+        for index, image in zip(item.prompts, images):
+            save_png(image, folder / "images" / image_name(index, item.seed, pruned), info | {
+                "prompt": prompts[index], "prompt_index": index, "seed": item.seed})
+            rows.append({"prompt": index, "seed": item.seed} | ({"mitigation": record[index, item.seed]} if record else {}))
+        run.record(item.key, rows)
+        bar.update(len(batch))
 
 
 def _wen_arguments(pipe, arguments: dict, batch, start: int, seed: int, latent, settings, wen, record: dict) -> dict:

@@ -268,6 +268,13 @@ _claims_lock = threading.RLock()
 _scopes = threading.local()  # .stack: lists of lock paths claimed in each claimed_outputs block
 
 
+def _follower() -> bool:
+    """A process other than process 0 of a ``torchrun`` launch: process 0 claims for all of them."""
+    from memcore.runs import is_follower
+
+    return is_follower()
+
+
 def _holder(fd: int) -> str:
     with contextlib.suppress(OSError):
         text = os.pread(fd, 32, 0).decode(errors="replace").strip()
@@ -310,7 +317,7 @@ def _lock(lock: Path, param: str | None, shown) -> int:
 
 
 def _acquire(lock: Path, param: str | None, shown) -> None:
-    if fcntl is None:
+    if fcntl is None or _follower():
         return
     with deferred_signals(), _claims_lock:
         claim = _claims.get(lock)
@@ -323,7 +330,7 @@ def _acquire(lock: Path, param: str | None, shown) -> None:
 
 
 def _release(lock: Path) -> None:
-    if fcntl is None:
+    if fcntl is None or _follower():
         return
     with deferred_signals(), _claims_lock:
         claim = _claims[lock]
