@@ -435,35 +435,52 @@ def _mitigation_summary(wen, record: dict) -> dict:
 
 
 def _render(pipe, prompts, items, settings, folder: Path, pruned: bool, bar, run, info: dict, wen=None) -> None:
-    """Generate and save the images of ``items`` (each: one seed's x_T repeated over a batch of
-    prompts), then record each item in ``run``. With ``wen`` (:class:`memcore.mitigation.WenSettings`),
-    from optimized prompt embeddings, recording each image's optimization in the item's rows."""
-    from memcore.driver import call_arguments, initial_latent
-
-    latents = {}
+    """Generate and save the images of ``items``, then record each item in ``run``; with ``wen``
+    (:class:`memcore.mitigation.WenSettings`), each image's optimization goes into the item's rows."""
+    latents = Latents(pipe, settings)
     for item in items:
-        if item.seed not in latents:
-            latents = {item.seed: initial_latent(pipe, replace(settings, seed=item.seed))}
-        latent = latents[item.seed]
-        batch = [prompts[i] for i in item.prompts]
-        # The generator only matters to schedulers that add noise while stepping (ancestral ones):
-        # seeded the same way, it makes that noise the same for the original and the pruned model.
-        generator = torch.Generator(device=latent.device).manual_seed(item.seed)
-        arguments = call_arguments(pipe, batch, latent, settings)
-        record = {}
-        if wen is not None:
-            arguments = _wen_arguments(pipe, arguments, batch, item.start, item.seed, latent, settings, wen, record)
-        images = pipe(**arguments, generator=generator, output_type="pil").images
+        images, record = generate_item(pipe, prompts, item, settings, latents, wen)
         rows = []
         for index, image in zip(item.prompts, images):
             save_png(image, folder / "images" / image_name(index, item.seed, pruned), info | {
                 "prompt": prompts[index], "prompt_index": index, "seed": item.seed})
-            rows.append({"prompt": index, "seed": item.seed} | ({"mitigation": record[index, item.seed]} if record else {}))
+            rows.append({"prompt": index, "seed": item.seed} | ({"mitigation": record[index]} if record else {}))
         run.record(item.key, rows)
-        bar.update(len(batch))
+        bar.update(len(images))
 
 
-def _wen_arguments(pipe, arguments: dict, batch, start: int, seed: int, latent, settings, wen, record: dict) -> dict:
+class Latents:
+    """x_T of each seed, computed once while the items of that seed follow each other."""
+
+    def __init__(self, pipe, settings) -> None:
+        self.pipe, self.settings, self.seed, self.latent = pipe, settings, None, None
+
+    def __call__(self, seed: int) -> torch.Tensor:
+        from memcore.driver import initial_latent
+
+        if seed != self.seed:
+            self.seed, self.latent = seed, initial_latent(self.pipe, replace(self.settings, seed=seed))
+        return self.latent
+
+
+def generate_item(pipe, prompts, item: WorkItem, settings, latents: Latents, wen=None) -> tuple[list, dict]:
+    """The PIL images of one work item (one pipeline call: the seed's x_T repeated over the batch of
+    prompts) and, with ``wen``, each prompt index's optimization record (steps, losses, seconds)."""
+    from memcore.driver import call_arguments
+
+    latent = latents(item.seed)
+    batch = [prompts[i] for i in item.prompts]
+    # The generator only matters to schedulers that add noise while stepping (ancestral ones):
+    # seeded the same way, it makes that noise the same for the original and the pruned model.
+    generator = torch.Generator(device=latent.device).manual_seed(item.seed)
+    arguments = call_arguments(pipe, batch, latent, settings)
+    record: dict = {}
+    if wen is not None:
+        arguments = _wen_arguments(pipe, arguments, batch, item.start, latent, settings, wen, record)
+    return pipe(**arguments, generator=generator, output_type="pil").images, record
+
+
+def _wen_arguments(pipe, arguments: dict, batch, start: int, latent, settings, wen, record: dict) -> dict:
     """The pipeline's arguments with the prompts replaced by their optimized embeddings."""
     from memcore.mitigation import wen_prompt_embeds
 
@@ -471,7 +488,7 @@ def _wen_arguments(pipe, arguments: dict, batch, start: int, seed: int, latent, 
     result = wen_prompt_embeds(pipe, batch, latent, settings, wen.lr, wen.target_loss, wen.max_steps)
     share = (time.perf_counter() - started - sum(result.seconds)) / len(batch)  # text encoding, shared
     for offset, losses in enumerate(result.losses):
-        record[start + offset, seed] = {
+        record[start + offset] = {
             "steps": len(losses) - 1,
             "initial_loss": losses[0],
             "loss": losses[-1],
