@@ -14,7 +14,9 @@ order, duplicates kept. The paper's subsets (``memorize_N``, ``memorize_sd2_N``,
 
 from __future__ import annotations
 
+import csv
 import functools
+import io
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -22,7 +24,7 @@ from importlib import resources
 
 from memcore.errors import MemcoreError
 
-__all__ = ["PromptSet", "builtin_sets", "expand_range", "get", "groups", "names"]
+__all__ = ["PromptSet", "builtin_sets", "expand_range", "get", "groups", "labels", "names"]
 
 NEMO = "github.com/ml-research/localizing_memorization_in_diffusion_models"
 MEMATTN = "github.com/renjie3/MemAttn"
@@ -134,6 +136,45 @@ def names() -> list[str]:
 
 def get(name: str) -> PromptSet | None:
     return _registry().get(name)
+
+
+LABEL_COLUMN = "type"
+"""The column of a built-in CSV that labels each prompt: ``VM`` (verbatim memorization) or ``TM``
+(template memorization) in ``sdv1_500_labeled_vm_tm.csv`` (Webster 2023)."""
+
+
+@functools.cache
+def _file_column(file: str, column: str) -> tuple[str, ...] | None:
+    """Column ``column`` of built-in CSV ``file``, one stripped entry per prompt (rows as
+    ``load_prompts`` reads them: blank lines and empty captions skipped); None without that column."""
+    if not file.endswith(".csv"):
+        return None
+    text = _data(file).read_text(encoding="utf-8-sig")
+    rows = [row for row in csv.reader(io.StringIO(text, newline=""), delimiter=";", strict=True) if any(c.strip() for c in row)]
+    header = [c.strip() for c in rows[0]]
+    if column not in header:
+        return None
+    caption, at = header.index("Caption"), header.index(column)
+    return tuple(row[at].strip() for row in rows[1:] if row[caption].strip())
+
+
+def labels(name: str) -> list[str] | None:
+    """The VM/TM label of each prompt of built-in set ``name``, in the set's order (a numbered
+    subset of ``sdv1-500`` takes the labels of its rows); None for a set without labels.
+
+    Raises:
+        MemcoreError: ``name`` is not a built-in set.
+    """
+    found = get(name)
+    if found is None:
+        raise MemcoreError(f"{name}: not a built-in prompt set ('memcore data' lists them)")
+    column = _file_column(found.file, LABEL_COLUMN)
+    if column is None:
+        return None
+    rows = range(len(column)) if found.indices is None else found.indices
+    if len(rows) != found.rows or max(rows) >= len(column):  # the file and the registry disagree: a bug
+        raise RuntimeError(f"{name}: {len(column)} labels in {found.file} for {found.rows} prompts")
+    return [column[r] for r in rows]
 
 
 def groups() -> list[tuple[str, list[PromptSet]]]:

@@ -82,7 +82,7 @@ def load_sscd(path: str | os.PathLike) -> torch.jit.ScriptModule:
         MemcoreError: the file is missing or is not TorchScript (one line naming the path and
             :data:`SSCD_URL`).
     """
-    return _load_torchscript(path, "sscd_path", "SSCD TorchScript", SSCD_URL)
+    return _load_torchscript(path, "sscd", "SSCD TorchScript", SSCD_URL)
 
 
 def _check_images(images: torch.Tensor) -> torch.Tensor:
@@ -227,7 +227,7 @@ def load_clip(model_id: str | os.PathLike = CLIP_MODEL_ID, device: str | torch.d
         raise MemcoreError(
             "{model}: no CLIP model and processor in this folder or the local Hugging Face cache ({reason}); "
             "download it once with `hf download {model}` (or pass a local folder)",
-            "clip_model", model=source, reason=reason,
+            "clip", model=source, reason=reason,
         ) from None
     return model.to(device).eval(), processor
 
@@ -325,17 +325,17 @@ def load_fid_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray
     """
     shown = os.fspath(path)
     if not Path(shown).is_file():
-        raise MemcoreError("{path}: no such file", "fid_stats", path=shown)
+        raise MemcoreError("{path}: no such file", "fid_reference", path=shown)
     try:
         with np.load(shown, allow_pickle=False) as data:
             missing = [k for k in ("mu", "sigma") if k not in data.files]
             if missing:
-                raise MemcoreError("{path}: no {key} array in this .npz file", "fid_stats", path=shown, key=missing[0])
+                raise MemcoreError("{path}: no {key} array in this .npz file", "fid_reference", path=shown, key=missing[0])
             mu, sigma = data["mu"], data["sigma"]
     except MemcoreError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise MemcoreError("{path}: not a readable .npz file ({reason})", "fid_stats", path=shown, reason=str(error)[:200]) from None
+        raise MemcoreError("{path}: not a readable .npz file ({reason})", "fid_reference", path=shown, reason=str(error)[:200]) from None
     return _check_statistics(mu, sigma, shown)
 
 
@@ -350,7 +350,7 @@ def _check_statistics(mu: np.ndarray, sigma: np.ndarray, path: str | None) -> tu
     if problem is not None:
         if path is None:
             raise ValueError(problem)
-        raise MemcoreError("{path}: {problem}", "fid_stats", path=path, problem=problem)
+        raise MemcoreError("{path}: {problem}", "fid_reference", path=path, problem=problem)
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 

@@ -11,28 +11,15 @@ import torch.nn.functional as F
 
 from memcore import metrics
 from memcore.errors import MemcoreError
+from standins import TinyDescriptor, TinyInception, build_clip, write_inception, write_sscd
 
 
 # --- SSCD: loading --------------------------------------------------------------------------------
 
 
-class _TinyDescriptor(torch.nn.Module):
-    """An SSCD stand-in: a 1x1 convolution and global average pooling, descriptors of size 8."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x).mean(dim=(2, 3))
-
-
 @pytest.fixture
 def sscd_file(tmp_path):
-    path = tmp_path / "sscd_disc_mixup.torchscript.pt"
-    torch.jit.script(_TinyDescriptor()).save(str(path))
-    return path
+    return write_sscd(tmp_path / "sscd_disc_mixup.torchscript.pt")
 
 
 def _one_line(error: MemcoreError) -> str:
@@ -43,7 +30,7 @@ def _one_line(error: MemcoreError) -> str:
 
 def test_load_sscd_reads_torchscript_on_cpu(sscd_file):
     model = metrics.load_sscd(sscd_file)
-    reference = _TinyDescriptor()
+    reference = TinyDescriptor()
     x = torch.rand(2, 3, 5, 7)
     assert torch.equal(model(x), reference(x))
     assert all(p.device.type == "cpu" for p in model.parameters())
@@ -56,14 +43,14 @@ def test_load_sscd_missing_file_is_one_line(tmp_path):
         metrics.load_sscd(path)
     text = _one_line(caught.value)
     assert str(path) in text and metrics.SSCD_URL in text
-    assert caught.value.param == "sscd_path"
+    assert caught.value.param == "sscd"
 
 
 @pytest.mark.parametrize("content", ["state_dict", "garbage", "empty", "folder"])
 def test_load_sscd_not_torchscript_is_one_line(tmp_path, content):
     path = tmp_path / "sscd.pt"
     if content == "state_dict":
-        torch.save(_TinyDescriptor().state_dict(), path)
+        torch.save(TinyDescriptor().state_dict(), path)
     elif content == "garbage":
         path.write_bytes(b"\x00not a zip\n" * 10)
     elif content == "empty":
@@ -165,25 +152,8 @@ def test_summarize_sscd():
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from memcore.tiny import build_tokenizer
-
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(vocab_size=514, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=77),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=12,
-    )
-    model = CLIPModel(config).eval()
     # no resize or crop (the inputs are already 32 x 32): the reference below normalizes by hand
-    image_processor = CLIPImageProcessor(
-        do_resize=False, do_center_crop=False, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=build_tokenizer())
-    return model, processor
+    return build_clip(resize=False)
 
 
 def test_clip_score_is_the_cosine_of_the_embeddings(tiny_clip):
@@ -229,7 +199,7 @@ def test_load_clip_missing_is_one_line(tmp_path, monkeypatch):
             metrics.load_clip(model_id)
         text = _one_line(caught.value)
         assert model_id in text and "hf download" in text
-        assert caught.value.param == "clip_model"
+        assert caught.value.param == "clip"
 
 
 def test_load_clip_reads_a_local_folder(tiny_clip, tmp_path):
@@ -334,7 +304,7 @@ def test_load_fid_statistics_errors_are_one_line(tmp_path, case):
     with pytest.raises(MemcoreError) as caught:
         metrics.load_fid_statistics(path)
     text = _one_line(caught.value)
-    assert str(path) in text
+    assert str(path) in text and caught.value.param == "fid_reference"
     assert {"no-sigma": "sigma", "shape": "covariance", "nan": "not finite", "missing": "no such file"}.get(case, "") in text
 
 
@@ -393,28 +363,13 @@ def test_kid_subsets_follow_the_documented_draw():
 # --- Inception ------------------------------------------------------------------------------------
 
 
-class _TinyInception(torch.nn.Module):
-    """Stand-in for inception-2015-12-05.pt: takes [N, 3, H, W] in [0, 255] and return_features."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.proj = torch.nn.Linear(3, 2048)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        pooled = x.mean(dim=(2, 3))
-        if return_features:
-            return self.proj(pooled)
-        return pooled
-
-
 def test_load_inception_and_features(tmp_path):
     path = tmp_path / "inception-2015-12-05.pt"
-    torch.jit.script(_TinyInception()).save(str(path))
+    write_inception(path)
     model = metrics.load_inception(path)
     images = torch.rand(5, 3, 16, 16)
     got = metrics.inception_features(model, images, batch_size=2)
-    expected = _TinyInception()(torch.round(images * 255), return_features=True).double().detach().numpy()
+    expected = TinyInception()(torch.round(images * 255), return_features=True).double().detach().numpy()
     assert got.shape == (5, 2048) and got.dtype == np.float64
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
 
@@ -427,3 +382,4 @@ def test_load_inception_errors_are_one_line(tmp_path):
             metrics.load_inception(path)
         text = _one_line(caught.value)
         assert str(path) in text and metrics.INCEPTION_URL in text
+        assert caught.value.param == "inception"
