@@ -45,6 +45,9 @@ def _add_mask_args(p: argparse.ArgumentParser, out_default: str | None) -> None:
         p.add_argument("--out", default=out_default, help=f"mask file to write (default {out_default})")
 
 
+CLIP_DEFAULT = "laion/CLIP-ViT-g-14-laion2B-s12B-b42K"  # memcore.metrics.CLIP_MODEL_ID, kept here for a cheap --help
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="memcore", description="Find and prune the memorized neurons of text-to-image diffusion models."
@@ -173,6 +176,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--wen-max-steps", type=int, help="with --mitigation wen: at most this many optimizer steps (default 10, Wen et al.'s)"
+    )
+
+    p = sub.add_parser(
+        "evaluate",
+        help="measure memorization: generate under each method and score SSCD, CLIP, FID/KID and time",
+        description="Generate every prompt x seed image as the model is loaded (method none), with Wen et al.'s "
+        "mitigation (wen, --mitigation wen) and after pruning with --mask (pruned), all from the same x_T per seed, "
+        "and score each image: SSCD similarity to its prompt's training images (--ground-truth with --sscd), CLIP "
+        "score (--clip), FID and KID against --fid-reference (with --inception), and time per image (for pruned, "
+        "localize and prune included). Writes images/, per_image.csv, summary.json and figure.png (CLIP score "
+        "against SSCD, and time, per method) into a new --out folder; a stopped run resumes when rerun; runs under "
+        "torchrun (docs/scale.md). 'memcore evaluate --compare DIR ... --out FIG' redraws the figure from finished "
+        "runs. Definitions: docs/metrics.md.",
+    )
+    p.add_argument("--model", help=MODEL_HELP + " (not with --compare)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument(
+        "--prompts",
+        help="prompts: a .txt (one per line), .jsonl or .csv file, or a built-in set such as sdv1-500 (whose VM/TM "
+        "labels split the SSCD scores)",
+    )
+    p.add_argument("--seeds", default="0,1,2,3", help="seeds: a comma list and ranges (default 0,1,2,3)")
+    p.add_argument(
+        "--out", help="new folder for the run; with --compare, the figure file to write (.png)"
+    )
+    p.add_argument("--mask", help="a mask file: adds the method pruned (the model after zeroing its weights)")
+    p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
+    p.add_argument(
+        "--localize-seconds", type=float, metavar="S",
+        help="with --mask: the seconds 'memcore localize' took to make it (its --json 'seconds'), counted into the "
+        "time per image of pruned as the paper does (default: not counted; summary.json says so)",
+    )
+    p.add_argument(
+        "--mitigation", choices=["none", "wen"], default="none",
+        help="wen: adds the method wen, Wen et al.'s inference-time mitigation (SD 1.x/2.x) (default none)",
+    )
+    p.add_argument("--wen-lr", type=float, help="with --mitigation wen: AdamW learning rate (default 0.05, Wen et al.'s)")
+    p.add_argument("--wen-target-loss", type=float, help="with --mitigation wen: stop at this loss (default 3, Wen et al.'s)")
+    p.add_argument("--wen-max-steps", type=int, help="with --mitigation wen: at most this many optimizer steps (default 10)")
+    p.add_argument(
+        "--no-baseline", dest="baseline", action="store_false",
+        help="skip the method none (evaluate only --mask and/or --mitigation wen)",
+    )
+    p.add_argument(
+        "--ground-truth",
+        help="folder of each prompt's training image(s), named by the prompt's index: 0007.jpg, or 0007_1.jpg for "
+        "more ('memcore data fetch-images' writes them); needs --sscd",
+    )
+    p.add_argument("--sscd", help="the SSCD TorchScript file (sscd_disc_large.torchscript.pt as the paper's authors, or sscd_disc_mixup)")
+    p.add_argument(
+        "--sscd-preprocessing", choices=["wen", "sscd"], default="wen",
+        help="wen: resize 256, centre crop 224, mean/std 0.5 (Wen et al.'s code); sscd: 320x320, ImageNet statistics "
+        "(the SSCD authors') (default wen)",
+    )
+    p.add_argument(
+        "--clip", nargs="?", const=CLIP_DEFAULT,
+        help=f"CLIP model for the CLIP score: a local folder or a hub id in the local cache; --clip alone takes "
+        f"{CLIP_DEFAULT}, the paper authors' (default: no CLIP score)",
+    )
+    p.add_argument("--inception", help="the FID Inception TorchScript file (inception-2015-12-05.pt), for --fid-reference")
+    p.add_argument(
+        "--fid-reference", help="FID and KID reference: a folder of images, or a .npz of mu and sigma (FID only); needs --inception"
+    )
+    p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation (default 8)")
+    p.add_argument(
+        "--compare", nargs="+", metavar="DIR",
+        help="finished evaluate folders: draw their methods on one figure into --out (FIG.png) and generate nothing",
     )
 
     p = sub.add_parser(
@@ -565,6 +641,117 @@ def _wen_settings(args):
     return WenSettings(**given)
 
 
+def cmd_evaluate(args) -> None:
+    if args.compare:
+        return _evaluate_compare(args)
+    from memcore.generate import check_generate_arguments, parse_seeds
+    from memcore.io import check_distinct
+    from memcore.prompts import load_prompts
+
+    started = time.perf_counter()
+    for flag, value in (("--model", args.model), ("--prompts", args.prompts), ("--out", args.out)):
+        if value is None:
+            raise MemcoreError(f"{flag} is required (or give --compare DIR ... --out FIG.png)")
+    if args.ground_truth is not None and args.sscd is None:
+        raise MemcoreError("needs --sscd PATH, the network that compares images", param="ground_truth")
+    if args.fid_reference is not None and args.inception is None:
+        raise MemcoreError("needs --inception PATH, the network whose features FID compares", param="fid_reference")
+    for param, path in (("ground_truth", args.ground_truth), ("fid_reference", args.fid_reference)):
+        if path is not None and not os.path.exists(path):
+            raise MemcoreError("no such file or folder", param=param, value=path)
+    if args.localize_seconds is not None and (not args.mask or not args.localize_seconds >= 0):
+        raise MemcoreError(
+            f"must be a number >= 0 and goes with --mask, got {args.localize_seconds}", param="localize_seconds"
+        )
+    wen = _wen_settings(args)
+    settings = {"steps": args.steps, "height": args.height, "width": args.width, "batch_size": args.batch_size}
+    out, seeds = check_generate_arguments(
+        parse_seeds(args.seeds), out_dir=args.out, mask=args.mask, guidance=args.guidance, mitigation="none", **settings
+    )
+    from memcore.evaluate import methods_of
+    from memcore.generate import check_mitigation
+
+    methods_of(args.mask, args.mitigation, args.baseline)
+    check_mitigation(args.mitigation, None, args.guidance)
+    if wen is not None:
+        from memcore.mitigation import check_model_name
+
+        check_model_name(args.model)
+    check_distinct(
+        [("out", out)],
+        [("prompts", args.prompts), ("mask", args.mask), ("ground_truth", args.ground_truth),
+         ("fid_reference", args.fid_reference), ("sscd", args.sscd), ("inception", args.inception)],
+    )
+    prompts = load_prompts(args.prompts)
+    labels = None
+    if not os.path.exists(args.prompts):
+        from memcore import datasets
+
+        labels = datasets.labels(args.prompts)
+    if args.mask:
+        from memcore.mask import Mask
+
+        Mask.load(args.mask)  # a bad mask file is refused before the model loads
+
+    from memcore import evaluation as ev
+    from memcore.evaluate import _file_identity, evaluate
+    from memcore.models import load_pipeline
+    from memcore.runs import processes
+
+    with processes(args.device) as (ranks, device):
+        from memcore.models import resolve_device
+
+        scorers = ev.load_scorers(
+            sscd=args.sscd, sscd_preprocessing=args.sscd_preprocessing, clip=args.clip, inception=args.inception,
+            device=resolve_device(device, None)[0],
+        )
+        ground_truth = None if args.ground_truth is None else ev.GroundTruth.load(args.ground_truth, len(prompts), scorers)
+        pipe = load_pipeline(args.model, device, args.dtype)
+        identity = {
+            "sscd": _file_identity(args.sscd), "clip": args.clip, "inception": _file_identity(args.inception),
+        }
+        result = evaluate(
+            pipe, prompts, seeds, out_dir=out, scorers=scorers, ground_truth=ground_truth,
+            fid_reference=args.fid_reference, labels=labels, mask=args.mask, mitigation=args.mitigation, wen=wen,
+            baseline=args.baseline, guidance=args.guidance, force=args.force, localize_seconds=args.localize_seconds,
+            ranks=ranks, identity=identity,
+            **settings,
+        )
+    if result is None:
+        return
+    summary = {"out": str(result.out_dir), **result.summary, "seconds": round(time.perf_counter() - started, 3)}
+    images = sum(m["images"] for m in result.summary["methods"].values())
+    parts = []
+    for method, m in result.summary["methods"].items():
+        scores = [f"{m['seconds']['per_image']:.3g} s/image"] if m.get("seconds") else []
+        if m.get("sscd"):
+            scores.append(f"SSCD {m['sscd']['score']:.3f} ({m['sscd']['above_0.5']:.0%} > 0.5)")
+        if m.get("clip"):
+            scores.append(f"CLIP {m['clip']['score']:.3f}")
+        if m.get("fid") is not None:
+            scores.append(f"FID {m['fid']:.2f}")
+        parts.append(f"{method}: {', '.join(scores)}")
+    _emit(args, summary, f"wrote {images} images and {result.figure} into {result.out_dir}; " + "; ".join(parts))
+
+
+def _evaluate_compare(args) -> None:
+    from memcore.io import check_distinct, check_output_file
+
+    given = [name for name, value in (("--model", args.model), ("--prompts", args.prompts), ("--mask", args.mask)) if value]
+    if given:
+        raise MemcoreError(f"--compare redraws finished runs and generates nothing; drop {', '.join(given)}")
+    if args.out is None:
+        raise MemcoreError("--compare needs --out FIG.png, the figure to write")
+    if os.path.splitext(args.out)[1].lower() != ".png":
+        raise MemcoreError("with --compare, must be a .png file", param="out", value=args.out)
+    out = check_output_file(args.out, "out")
+    check_distinct([("out", out)], [("compare", d) for d in args.compare])
+    from memcore.evaluation import compare
+
+    path = compare(args.compare, out)
+    _emit(args, {"out": str(path), "runs": list(args.compare)}, f"wrote {path} ({len(args.compare)} runs)")
+
+
 OUT_PROMPTS_FORMATS = (".txt", ".jsonl")
 
 
@@ -859,6 +1046,7 @@ COMMANDS = {
     "analyze": cmd_analyze,
     "iou": cmd_iou,
     "generate": cmd_generate,
+    "evaluate": cmd_evaluate,
     "detect": cmd_detect,
     "data": cmd_data,
     "env": cmd_env,
