@@ -451,6 +451,26 @@ MASK_SUMMARY: Table = {
     "zeroed": (integer(0), True),
     "force": (BOOL, True),
 }
+MITIGATION_SUMMARY: Table = {  # memcore.generate's record of --mitigation wen (memcore.mitigation.WenSettings)
+    "method": (literal("wen"), True),
+    "lr": (number(0, low_open=True), True),
+    "target_loss": (number(0), True),
+    "max_steps": (POSITIVE, True),
+    "optimizer": (TEXT, False),
+    "denoiser_call": (integer(0), False),
+    "frozen_tokens": (list_of(integer(0), "token positions", min_length=lambda meta: 0), False),
+    "seconds": (number(0), True),
+    "seconds_per_image": (number(0), True),
+    "reached_target": (integer(0), True),
+    "images": (POSITIVE, True),
+}
+IMAGE_MITIGATION: Table = {  # one image's optimization
+    "steps": (integer(0), True),
+    "initial_loss": (number(0), True),
+    "loss": (number(0), True),
+    "reached_target": (BOOL, True),
+    "seconds": (number(0), True),
+}
 GRID: Table = {
     "path": (RELATIVE_PATH, True),
     "size": (_expect(_is_shape, "[width, height], two positive integers"), True),
@@ -483,12 +503,15 @@ def images(value: object, meta: Mapping) -> None:
         "seed": (_expect(lambda v: is_int(v) and v in meta["seeds"], "one of field 'seeds'"), True),
         "original": (RELATIVE_PATH, True),
         "pruned": (RELATIVE_PATH, pruned),
+        "mitigation": (nested(IMAGE_MITIGATION, "mitigation"), meta.get("mitigation") is not None),
     }
     seen = set()
     for i, item in enumerate(value):
         _check_table(item, entry, f"images[{i}].")
         if not pruned and "pruned" in item:
             raise Invalid("is there but field 'mask' is null", f"images[{i}].pruned")
+        if meta.get("mitigation") is None and "mitigation" in item:
+            raise Invalid("is there but field 'mitigation' is null", f"images[{i}].mitigation")
         key = (item["prompt"], item["seed"])
         if key in seen:
             raise Invalid(f"repeats prompt {key[0]} and seed {key[1]}", f"images[{i}]")
@@ -507,6 +530,7 @@ IMAGES_V1: Table = {
     "settings": (nested(IMAGE_SETTINGS, "settings"), True),
     "batch_size": (POSITIVE, True),
     "mask": (nullable(nested(MASK_SUMMARY, "mask")), True),
+    "mitigation": (nullable(nested(MITIGATION_SUMMARY, "mitigation")), False),
     "grid": (nested(GRID, "grid"), True),
     "images": (images, True),
 }
