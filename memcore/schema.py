@@ -494,24 +494,24 @@ def grid_size(meta: Mapping) -> None:
 
 
 def images(value: object, meta: Mapping) -> None:
-    """One entry per (prompt, seed): its original and, with a mask, its pruned image."""
+    """One entry per (prompt, seed): its original and, with a mask, its pruned image; with a
+    mitigation, the optimization of its embedding."""
     if not isinstance(value, list):
         raise Invalid(f"must be a list of images, got {show(value)}")
-    pruned = meta["mask"] is not None
-    entry: Table = {
-        "prompt": (integer(0, len(meta["prompts"])), True),
-        "seed": (_expect(lambda v: is_int(v) and v in meta["seeds"], "one of field 'seeds'"), True),
-        "original": (RELATIVE_PATH, True),
-        "pruned": (RELATIVE_PATH, pruned),
-        "mitigation": (nested(IMAGE_MITIGATION, "mitigation"), meta.get("mitigation") is not None),
-    }
+    pruned, mitigated = meta["mask"] is not None, meta.get("mitigation") is not None
     seen = set()
     for i, item in enumerate(value):
+        entry: Table = {
+            "prompt": (integer(0, len(meta["prompts"])), True),
+            "seed": (_expect(lambda v: is_int(v) and v in meta["seeds"], "one of field 'seeds'"), True),
+            "original": (RELATIVE_PATH, True),
+            "pruned": (RELATIVE_PATH, pruned),
+            "mitigation": (nested(IMAGE_MITIGATION, f"images[{i}].mitigation"), mitigated),
+        }
         _check_table(item, entry, f"images[{i}].")
-        if not pruned and "pruned" in item:
-            raise Invalid("is there but field 'mask' is null", f"images[{i}].pruned")
-        if meta.get("mitigation") is None and "mitigation" in item:
-            raise Invalid("is there but field 'mitigation' is null", f"images[{i}].mitigation")
+        for field, present in (("pruned", pruned), ("mitigation", mitigated)):
+            if not present and field in item:
+                raise Invalid(f"is there but field '{'mask' if field == 'pruned' else field}' is null", f"images[{i}].{field}")
         key = (item["prompt"], item["seed"])
         if key in seen:
             raise Invalid(f"repeats prompt {key[0]} and seed {key[1]}", f"images[{i}]")

@@ -179,6 +179,18 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert record["steps"] == 2 and record["loss"] < record["initial_loss"] and not record["reached_target"]
     assert (out / image["original"]).is_file()
 
+    # the manifest's mitigation records are checked like the rest of it
+    raw = json.loads((out / "manifest.json").read_text())
+    raw["images"][0]["mitigation"]["steps"] = -1
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(MemcoreError, match=r"images\[0\]\.mitigation\.steps"):
+        gen.load_manifest(out)
+    raw["images"][0]["mitigation"]["steps"] = 2
+    raw["mitigation"]["lr"] = 0
+    (out / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(MemcoreError, match=r"mitigation\.lr"):
+        gen.load_manifest(out)
+
 
 @pytest.mark.parametrize(
     "extra, words",
