@@ -158,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", default="0,1,2,3", help="seeds: a comma list and ranges, e.g. 0,1,2,3 or 0-3 (default 0,1,2,3)")
     p.add_argument("--mask", help="a mask file: also generate after zeroing its weights")
-    p.add_argument("--out", required=True, help="new folder for the images, grid.png and manifest.json")
+    p.add_argument(
+        "--out", required=True,
+        help="new folder for the images, grid.png and manifest.json (a stopped run keeps OUT.partial: run the same "
+        "command again to resume)",
+    )
     p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
     p.add_argument("--height", type=int, help="image height in pixels (default: the model's)")
@@ -201,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seeds", default="0,1,2,3", help="seeds: a comma list and ranges (default 0,1,2,3)")
     p.add_argument(
-        "--out", help="new folder for the run; with --compare, the figure file to write (.png)"
+        "--out",
+        help="new folder for the run (a stopped run keeps OUT.partial: run the same command again to resume); with "
+        "--compare, the figure file to write (.png)",
     )
     p.add_argument("--mask", help="a mask file: adds the method pruned (the model after zeroing its weights)")
     p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
@@ -269,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--control", help="non-memorized prompts (file or built-in set, e.g. laion-nomem-500): adds the ROC against --prompts"
     )
-    p.add_argument("--out", required=True, help="new folder for scores.csv, summary.json and the figures")
+    p.add_argument(
+        "--out", required=True,
+        help="new folder for scores.csv, summary.json and the figures (a stopped run keeps OUT.partial: run the same "
+        "command again to resume)",
+    )
     p.add_argument("--top", type=int, help="with --out-prompts: how many of the highest-scoring --prompts to write")
     p.add_argument("--out-prompts", help="with --top: a .txt (one per line) or .jsonl file of the top prompts, for 'memcore localize'")
     p.add_argument("--timesteps", type=int, default=1, help="T: first denoiser calls averaged into the score (default 1)")
