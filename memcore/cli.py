@@ -752,9 +752,9 @@ def _evaluate_compare(args) -> None:
         raise MemcoreError(f"--compare redraws finished runs and generates nothing; drop {', '.join(given)}")
     if args.out is None:
         raise MemcoreError("--compare needs --out FIG.png, the figure to write")
+    out = check_output_file(args.out, "out")
     if os.path.splitext(args.out)[1].lower() != ".png":
         raise MemcoreError("with --compare, must be a .png file", param="out", value=args.out)
-    out = check_output_file(args.out, "out")
     check_distinct([("out", out)], [("compare", d) for d in args.compare])
     from memcore.evaluation import compare
 

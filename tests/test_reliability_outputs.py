@@ -440,10 +440,16 @@ def cli_outputs(saved, tmp_path, out_file, out_dir) -> dict[str, list]:
         "analyze": ["analyze", mask, mask, "--out", out_dir],
         "detect": ["detect", "--model", "tiny", "--prompts", prompts, "--seeds", "0", "--steps", "2",
                    "--height", "64", "--width", "64", "--out", out_dir],
+        "evaluate": ["evaluate", "--model", "tiny", "--prompts", prompts, "--seeds", "0", "--steps", "2",
+                     "--height", "64", "--width", "64", "--mask", mask, "--out", out_dir],
+        "evaluate-compare": ["evaluate", "--compare", tmp_path, "--out", out_file],
     }
 
 
-COMMANDS = ["localize", "localize-stats", "subsets", "subsets-stats", "mask", "prune", "generate", "analyze", "detect"]
+COMMANDS = [
+    "localize", "localize-stats", "subsets", "subsets-stats", "mask", "prune", "generate", "analyze", "detect", "evaluate",
+    "evaluate-compare",
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -474,7 +480,7 @@ def test_a_dangling_link_is_refused_before_the_model_loads(tmp_path, capsys, sav
 @pytest.mark.parametrize("command", COMMANDS)
 def test_an_output_being_written_by_another_run_is_refused_at_once(tmp_path, capsys, saved, no_model, holders, command):
     argv = cli_outputs(saved, tmp_path, tmp_path / "held.safetensors", tmp_path / "held")[command]
-    kind = {"localize": "file", "localize-stats": "file", "mask": "file", "analyze": "folder"}.get(command, "dir")
+    kind = {"localize": "file", "localize-stats": "file", "mask": "file", "analyze": "folder", "evaluate-compare": "file"}.get(command, "dir")
     holder = holders(kind, tmp_path / ("held.safetensors" if kind == "file" else "held"))
     started = time.perf_counter()
     line = user_error(capsys, tmp_path, *argv)
