@@ -14,9 +14,10 @@ gathers everyone's results. When one process fails, ``torchrun`` stops the other
 after the item's files and atomically (temporary file, then rename). When every item is done,
 process 0 writes the final files and renames ``OUT.partial`` to ``OUT``, so ``OUT`` appears only
 whole. A run stopped by a signal or a crash leaves ``OUT.partial``; the same command run again
-(with any number of processes) skips the items with a record. Different settings refuse to mix:
-the error names the first setting that differs. Every process must see the same ``OUT.partial``:
-on several nodes, put ``OUT`` on a shared file system.
+(with any number of processes) removes the temporaries a killed process left behind and skips the
+items with a record. Different settings refuse to mix: the error names the first setting that
+differs. Every process must see the same ``OUT.partial``: on several nodes, put ``OUT`` on a shared
+file system.
 """
 
 from __future__ import annotations
@@ -236,6 +237,7 @@ class Run:
                     f"{self.folder} exists and is not an unfinished memcore run; remove it or choose another --out"
                 )
             self._check_settings(self._read_run_file())
+            self._remove_temporaries()
             return
         self.folder.mkdir()
         self.created = True
@@ -245,6 +247,17 @@ class Run:
             self.folder / RUN_FILE,
             lambda p: p.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"),
         )
+
+    def _remove_temporaries(self) -> None:
+        """Remove the temporaries (``.NAME.XXXXXXXX.tmp``) that a process killed mid-write (SIGKILL, a
+        lost node) left in the folder, so that they do not end up in ``OUT``; the items they belonged
+        to have no record and are redone."""
+        for path in sorted(self.folder.rglob(".*.tmp"), reverse=True):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
 
     def _read_run_file(self) -> dict:
         path = self.folder / RUN_FILE

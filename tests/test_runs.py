@@ -165,3 +165,24 @@ def test_two_processes_write_what_one_writes(tmp_path):
     _same_files(tmp_path / "d1", tmp_path / "d2", skip={"summary.json"})  # its seconds differ
     one, two = (json.loads((tmp_path / f"d{n}" / "summary.json").read_text()) for n in (1, 2))
     assert one["auc"] == two["auc"] and one["top"] == two["top"]
+
+
+def test_resuming_removes_what_a_killed_process_was_writing(tmp_path):
+    """A process killed mid-write (SIGKILL: torchrun's last resort, the OOM killer, a lost node) leaves
+    its temporary file; the run that resumes removes it, so that it does not end up in OUT."""
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError), Run(out, kind="generate", settings={}) as run:
+        run.record("a", [])
+        (run.folder / "images").mkdir()
+        (run.folder / "images" / "p000_s0.png").write_bytes(b"png")
+        raise RuntimeError("stopped")
+    folder = partial_path(out)
+    left = [folder / "images" / ".p000_s1.png.k3j9x0qa.tmp", folder / "parts" / ".b.json.0a1b2c3d.tmp"]
+    for path in left:
+        path.write_bytes(b"half")
+    (folder / ".memcore.zz11yy22.tmp").mkdir()
+    with Run(out, kind="generate", settings={}) as run:
+        assert run.done("a") and not run.done("b")
+        assert not any(path.exists() for path in left)
+        run.record("b", [])
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == ["images", "images/p000_s0.png"]
