@@ -291,6 +291,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
 
     p = sub.add_parser(
+        "attack",
+        help="Carlini et al.'s extraction attack: many samples per prompt, flag the prompts whose samples coincide",
+        description="Generate --samples images per prompt (seeds 0..N-1, each seed's x_T shared by the prompts of a "
+        "batch; with --mask after pruning), or read them from --from-images, and flag a prompt when the largest "
+        "clique of its samples, joined where their tiled l2 distance (max over a 4x4 grid of tiles of the RMS "
+        "difference on the 0..255 pixel scale) is below --threshold, has at least --min-clique members (Carlini "
+        "et al., USENIX Security 2023). With --ground-truth, a flagged clique whose median distance to the prompt's "
+        "training image is below --threshold is a true copy. Writes attack.csv, summary.json, pictures/ (one per "
+        "flagged prompt) and, when generating, images/ into a new --out folder; a stopped run resumes when rerun; "
+        "runs under torchrun. 'memcore attack --compare BEFORE AFTER' prints the before/after table. docs/attack.md.",
+    )
+    p.add_argument("--model", help=MODEL_HELP + " (not with --from-images or --compare)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: float16 on CUDA, float32 on CPU")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--prompts", help="prompts: a .txt (one per line), .jsonl or .csv file, or a built-in set such as sdv1-500")
+    p.add_argument("--samples", type=int, default=50, help="samples per prompt, seeds 0..N-1, at least 2 (default 50)")
+    p.add_argument(
+        "--out", help="new folder for the run (a stopped run keeps OUT.partial: run the same command again to resume)"
+    )
+    p.add_argument("--mask", help="a mask file: prune the model with it before generating")
+    p.add_argument("--force", action="store_true", help="apply a mask computed from other weights of the same shapes")
+    p.add_argument(
+        "--ground-truth",
+        help="folder of each prompt's training image(s), named by the prompt's index: 0007.jpg, or 0007_1.jpg for "
+        "more ('memcore data fetch-images' writes them): counts the true copies",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=50.0, help="join two samples when their tiled l2 distance is below this (default 50)"
+    )
+    p.add_argument(
+        "--min-clique", type=int, default=3, help="flag a prompt whose largest clique has at least this many samples (default 3)"
+    )
+    p.add_argument(
+        "--from-images", metavar="DIR",
+        help="read the samples instead of generating: DIR/images/p{prompt:03d}_s{seed}.png (as 'memcore generate' "
+        "writes) or DIR/p{prompt:03d}_s{seed}.png, seeds 0..N-1",
+    )
+    p.add_argument("--steps", type=int, help="inference steps (default: the pipeline's)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's)")
+    p.add_argument("--height", type=int, help="image height in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generation (default 8)")
+    p.add_argument(
+        "--compare", nargs=2, metavar=("BEFORE", "AFTER"),
+        help="two finished attack folders: print flagged prompts, true copies and total for each, and run nothing",
+    )
+
+    p = sub.add_parser(
         "data",
         help="list the built-in prompt sets, print the prompts of one, or fetch its training images",
         description="The prompt lists that ship with memcore: a set's name works wherever a prompt file does "
@@ -1049,7 +1098,87 @@ def _triton_status() -> str:
     return f"installed (triton {triton.__version__}), no GPU to run on"
 
 
+def cmd_attack(args) -> None:
+    from memcore import attack as at
+
+    if args.compare:
+        given = [flag for flag, value in (("--model", args.model), ("--prompts", args.prompts), ("--out", args.out),
+                                          ("--from-images", args.from_images), ("--mask", args.mask)) if value]
+        if given:
+            raise MemcoreError(f"--compare reads two finished runs and runs nothing; drop {', '.join(given)}")
+        table = at.compare_table(*args.compare)
+        runs = {name: at.read_summary(folder) for name, folder in zip(("before", "after"), args.compare)}
+        _emit(args, runs, table)
+        return
+    from memcore.io import check_distinct, check_output_dir
+    from memcore.prompts import load_prompts
+
+    started = time.perf_counter()
+    for flag, value in (("--prompts", args.prompts), ("--out", args.out)):
+        if value is None:
+            raise MemcoreError(f"{flag} is required (or give --compare BEFORE AFTER)")
+    if (args.model is None) == (args.from_images is None):
+        raise MemcoreError("give --model to generate the samples, or --from-images DIR to read them (one of the two)")
+    if args.from_images is not None:
+        given = [flag for flag, value in (("--mask", args.mask), ("--steps", args.steps), ("--guidance", args.guidance),
+                                          ("--height", args.height), ("--width", args.width), ("--dtype", args.dtype))
+                 if value is not None]
+        if given:
+            raise MemcoreError(f"--from-images reads images and generates nothing; drop {', '.join(given)}")
+    at.check_threshold(args.threshold)
+    at.check_min_size(args.min_clique)
+    if args.samples < 2:
+        raise MemcoreError(f"must be at least 2 (a clique needs two samples), got {args.samples}", param="samples")
+    if args.min_clique > args.samples:
+        raise MemcoreError(
+            f"is {args.min_clique}, more than the {args.samples} samples: nothing could be flagged", param="min_clique"
+        )
+    if args.mask is not None and not os.path.isfile(args.mask):
+        raise MemcoreError("no such file", param="mask", value=args.mask)
+    if args.model is not None:
+        from memcore.config import check_batch_size, check_guidance, check_image_settings
+
+        check_batch_size(args.batch_size)
+        check_image_settings(args.steps, args.height, args.width)
+        check_guidance(args.guidance)
+    check_output_dir(args.out, "out")
+    check_distinct([("out", args.out)], [("prompts", args.prompts), ("mask", args.mask),
+                                         ("ground_truth", args.ground_truth), ("from_images", args.from_images)])
+    prompts = load_prompts(args.prompts)
+    seeds = list(range(args.samples))
+    if args.from_images is not None:
+        at.check_sample_files(args.from_images, len(prompts), seeds)  # before anything is created
+    training = None if args.ground_truth is None else at.load_training_images(args.ground_truth, len(prompts))
+    if args.mask:
+        from memcore.mask import Mask
+
+        Mask.load(args.mask)  # a bad mask file is refused before the model loads
+
+    from memcore.runs import processes
+
+    with processes(args.device) as (ranks, device):
+        pipe = None
+        if args.model is not None:
+            from memcore.models import load_pipeline
+
+            pipe = load_pipeline(args.model, device, args.dtype)
+        result = at.attack(
+            prompts, out_dir=args.out, samples=args.samples, pipe=pipe, from_images=args.from_images, training=training,
+            threshold=args.threshold, min_size=args.min_clique, mask=args.mask, force=args.force, steps=args.steps,
+            guidance=args.guidance, height=args.height, width=args.width, batch_size=args.batch_size, ranks=ranks,
+            device=device if pipe is None else None,
+            identity={"ground_truth": None if args.ground_truth is None else os.path.abspath(args.ground_truth)},
+        )
+    if result is None:
+        return
+    s = result.summary
+    summary = {"out": str(result.out_dir), **s, "seconds": round(time.perf_counter() - started, 3)}
+    copies = "" if s["true_copies"] is None else f", {s['true_copies']} true copies"
+    _emit(args, summary, f"{s['flagged']} of {s['prompts']} prompts flagged{copies}; wrote {result.csv}")
+
+
 COMMANDS = {
+    "attack": cmd_attack,
     "localize": cmd_localize,
     "mask": cmd_mask,
     "prune": cmd_prune,
@@ -1063,7 +1192,7 @@ COMMANDS = {
 }
 
 
-PARALLEL_COMMANDS = ("generate", "evaluate", "detect")
+PARALLEL_COMMANDS = ("generate", "evaluate", "detect", "attack")
 """Commands that share their work among the processes of a ``torchrun`` launch (memcore.runs)."""
 
 
