@@ -18,12 +18,13 @@ l2 distance on the 8-bit pixel scale (values 0..255, ``scale=255``), and the max
     tiled_l2(a, b) = max over tiles t of sqrt( mean over the 3 * h * w values v of t of (255 * (a_v - b_v))^2 )
 
 with ``a``, ``b`` in [0, 1]. The default threshold 50 is thus an RMS difference of 50 gray levels
-(0.196 on [0, 1]) in the worst tile. That pixel scale is memcore's reading: the sources consulted
-give the tiling, the maximum and the per-dimension normalization, but not the scale on which the
-threshold 50 was published; 255 is the scale on which a threshold of 50 is a near-copy criterion
-comparable to Carlini et al.'s 0.15 on [0, 1] (on [0, 1] a normalized distance never exceeds 1, and
-an unnormalized one depends on the tile size). The normalization makes the distance independent of
-the image size, so the same threshold serves 64 px test images and 512 px ones.
+(0.196 on [0, 1]) in the worst tile. The tiling, the maximum and the normalization are from the
+paper's section 4 as read by memcore's authors (the searchable copies returned only its opening
+pages); the pixel scale is memcore's choice: no source found gives the scale on which the threshold
+50 was published, and 255 is the one on which 50 is a near-copy criterion (Figure 1's copy is at 0.031,
+8 gray levels; two independent uniform noise images are about 104 apart) (on [0, 1] a normalized distance never exceeds 1; an unnormalized one depends
+on the tile size). The normalization makes the distance independent of the image size, so the same
+threshold serves 64 px test images and 512 px ones (docs/attack.md).
 
 **Graph** (:func:`cliques`). Samples ``i != j`` are joined when ``distance[i, j] < threshold``
 (strictly: a pair exactly at the threshold is not joined). The largest clique is found with
@@ -374,14 +375,14 @@ def draw_picture(samples: torch.Tensor, seeds: Sequence[int], row: dict, trainin
         tiles.append(("training image", thumb(training[row["reference"] or 0])))
     tiles += [(f"seed {s}", thumb(samples[position[s]])) for s in row["clique_seeds"]]
     gap, band, margin = 6, 16, 8
-    width = 2 * margin + sum(t.width for _, t in tiles) + gap * (len(tiles) - 1)
-    height = 2 * margin + band + THUMB + band
-    picture = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default(size=12)
     caption = f"prompt {row['prompt']}: clique of {row['clique_size']}"
     if row["matched"] is not None:
         caption += f", {'a true copy' if row['matched'] else 'not the training image'} (median distance {row['clique_distance']:.1f})"
+    width = 2 * margin + max(sum(t.width for _, t in tiles) + gap * (len(tiles) - 1), math.ceil(font.getlength(caption)))
+    height = 2 * margin + band + THUMB + band
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
     draw.text((margin, margin), caption, fill="black", font=font)
     x = margin
     for label, image in tiles:
