@@ -304,3 +304,63 @@ def test_generates_and_attacks_on_tiny(tmp_path, capsys):
                    "--min-clique", "2", "--out", again)[0] == 0
     assert (again / "attack.csv").read_bytes() == (out / "attack.csv").read_bytes()
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_stopped_attack_resumes(synthetic, tmp_path, monkeypatch):
+    """Stopped while analyzing prompt 2: the rerun keeps prompts 0 and 1 and writes what one run writes."""
+    from memcore.prompts import load_prompts
+    from memcore.runs import partial_path
+
+    prompts = load_prompts(synthetic / "p.txt")
+    training = at.load_training_images(synthetic / "gt", len(prompts))
+    whole = at.attack(prompts, out_dir=tmp_path / "whole", samples=5, from_images=synthetic / "gen",
+                      training=training, progress=False)
+    real, seen = at.analyze_prompt, []
+
+    def stopping(samples, *args):
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return real(samples, *args)
+
+    monkeypatch.setattr(at, "analyze_prompt", stopping)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        at.attack(prompts, out_dir=out, samples=5, from_images=synthetic / "gen", training=training, progress=False)
+    assert not out.exists() and len(list((partial_path(out) / "parts").glob("*.json"))) == 2
+    monkeypatch.setattr(at, "analyze_prompt", real)
+    with pytest.raises(at.MemcoreError, match="other settings"):
+        at.attack(prompts, out_dir=out, samples=5, from_images=synthetic / "gen", training=training, threshold=40,
+                  progress=False)
+    result = at.attack(prompts, out_dir=out, samples=5, from_images=synthetic / "gen", training=training, progress=False)
+    assert (result.csv).read_bytes() == whole.csv.read_bytes()
+    assert result.summary == whole.summary
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes(tmp_path):
+    """Generation and analysis shared by 2 processes under torchrun (gloo, CPU): the same files as one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "p.txt").write_text("a red car\nthe cat\na bowl of fruit\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    env.pop("WORLD_SIZE", None)
+    for n in (1, 2):
+        launcher = [sys.executable, "-m", "memcore"] if n == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "memcore"]
+        args = ["attack", *SMALL, "--prompts", "p.txt", "--samples", "3", "--min-clique", "2", "--out", f"a{n}"]
+        done = subprocess.run(launcher + args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("prompts flagged") == 1  # process 0 alone reports
+    one, two = tmp_path / "a1", tmp_path / "a2"
+    names = sorted(p.relative_to(one) for p in one.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(two) for p in two.rglob("*") if p.is_file())
+    for name in names:
+        if name.name != "summary.json":  # it records the number of processes
+            assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    s1, s2 = (json.loads((d / "summary.json").read_text()) for d in (one, two))
+    assert s2["settings"].pop("processes") == 2 and s1["settings"].pop("processes") == 1
+    assert s1 == s2
