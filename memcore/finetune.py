@@ -8,7 +8,8 @@ line and every image is checked before the model loads; a fault is one line nami
 
 **Duplication.** ``duplicate=N, times=K`` chooses N images with ``random.Random(seed).sample`` over
 the examples sorted by ``file_name`` and repeats each K times in the training list (the others
-appear once). The choice is written to ``duplicated.jsonl`` (``file_name``, ``text``, ``times``).
+appear once). The choice is written to ``duplicated.jsonl`` (``file_name``, ``text``, ``times``, and
+``caption``, a copy of ``text`` under the name ``memcore.load_prompts`` reads from ``.jsonl`` files).
 
 **Training.** The usual latent-diffusion loss: latents are ``vae.encode(image).latent_dist.sample() *
 vae.config.scaling_factor`` of images resized (shorter side) and center-cropped to the model's
@@ -531,7 +532,8 @@ def finetune_denoiser(pipe, prepared: Prepared, progress: bool = True) -> Finetu
         unet.requires_grad_(False)
         pipe.save_pretrained(run.folder, safe_serialization=True)
         _write_jsonl(run.folder / DUPLICATED, [
-            {"file_name": e.file_name, "text": e.text, "times": config.times} for e in prepared.duplicated
+            {"file_name": e.file_name, "text": e.text, "caption": e.text, "times": config.times}
+            for e in prepared.duplicated
         ])
         summary = {
             "format": FORMAT,

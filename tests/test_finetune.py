@@ -65,7 +65,7 @@ def test_read_image_folder_and_duplication(tmp_path):
 
 def test_loss_goes_down_on_a_repeated_image(tmp_path, small_model):
     data = make_folder(tmp_path / "data", 1)
-    config = ft.FinetuneConfig(steps=6, batch_size=2, lr=2e-3, seed=0, save_every=100)
+    config = ft.FinetuneConfig(steps=3, batch_size=2, lr=2e-3, seed=0, save_every=100)
     prepared = ft.prepare_finetune(str(small_model), data, tmp_path / "out", config, "cpu")
     pipe = load_pipeline(str(small_model), "cpu", "float32")
     trainer = ft.Trainer(pipe, data, prepared.train, config, torch.device("cpu"))
@@ -80,7 +80,7 @@ def test_loss_goes_down_on_a_repeated_image(tmp_path, small_model):
     before = loss()
     result = ft.finetune_denoiser(pipe, prepared, progress=False)
     after = loss()
-    assert result.steps == 6 and len(result.losses) == 6
+    assert result.steps == 3 and len(result.losses) == 3
     assert after < 0.9 * before, (before, after)
     summary = json.loads((tmp_path / "out" / "finetune.json").read_text())
     assert summary["loss"]["every_step"] == result.losses
@@ -141,6 +141,11 @@ def test_resume_matches_an_uninterrupted_run_and_the_output_loads(tmp_path, caps
     names = sorted(f"img{i}.png" for i in range(4))
     assert [r["file_name"] for r in rows] == random.Random(5).sample(names, 2)
     assert all(r["times"] == 3 and r["text"] == f"a picture number {r['file_name'][3]}" for r in rows)
+    assert all(r["caption"] == r["text"] for r in rows)
+    # it is a prompt file as it is
+    from memcore.prompts import load_prompts
+
+    assert list(load_prompts(str(whole / "duplicated.jsonl"))) == [r["text"] for r in rows]
 
     # every memcore command loads it
     pipe = load_pipeline(str(whole), "cpu")
