@@ -235,8 +235,9 @@ def check_model_name(model: str) -> None:
     path = Path(model).expanduser()
     index = path / "model_index.json"
     if index.is_file():
-        with contextlib.suppress(OSError, ValueError):
-            name = json.loads(index.read_bytes()).get("_class_name")
+        with contextlib.suppress(OSError, ValueError):  # an unreadable index: load_pipeline says what is wrong
+            config = json.loads(index.read_bytes())
+            name = config.get("_class_name") if isinstance(config, dict) else None
             if isinstance(name, str) and name not in SUPPORTED_PIPELINES:
                 raise MemcoreError(
                     f"finetune trains SD 1.x and 2.x denoisers only (StableDiffusionPipeline), not {name}",

@@ -205,6 +205,11 @@ def test_user_errors(tmp_path, capsys):
     assert message.startswith("--mixed-precision: ") and "CUDA" in message
     message = user_error(capsys, tmp_path, *base[:2], "tiny-sdxl", *base[3:], "--data", good)
     assert message.startswith("--model tiny-sdxl: ") and "SD 1.x and 2.x" in message
+    sdxl = tmp_path / "sdxl-folder"
+    sdxl.mkdir()
+    (sdxl / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    message = user_error(capsys, tmp_path, *base[:2], sdxl, *base[3:], "--data", good)
+    assert "not StableDiffusionXLPipeline" in message
     (tmp_path / "taken").mkdir()
     message = user_error(capsys, tmp_path, *base[:3], "--out", tmp_path / "taken", *base[5:], "--data", good)
     assert message.startswith("--out ") and "already exists" in message
