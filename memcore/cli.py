@@ -366,6 +366,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra tries after a 5xx, 408, 429, timeout or dropped connection, with backoff (default 3)",
     )
 
+    # -- finetune ---------------------------------------------------------------------------------
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune an SD 1.x/2.x denoiser on an image folder, some images duplicated (to create memorization)",
+        description="Train the denoiser (text encoder and VAE frozen) with the diffusion loss on a folder in the "
+        "imagefolder convention (metadata.jsonl: file_name and text per line), with --duplicate N images repeated "
+        "--times K times, through accelerate. Works in OUT.partial with a checkpoint every --save-every steps "
+        "(rerun the same command to resume) and writes a diffusers folder OUT (with duplicated.jsonl and "
+        "finetune.json) that every memcore command loads with --model OUT. See docs/finetune.md.",
+    )
+    p.add_argument("--model", required=True, help=MODEL_HELP + " (SD 1.x and 2.x only)")
+    p.add_argument("--data", required=True, help="image folder with metadata.jsonl (file_name, text per line)")
+    p.add_argument("--out", required=True, help="new folder for the fine-tuned pipeline (work in OUT.partial)")
+    p.add_argument("--duplicate", type=int, default=0, help="N: how many images to duplicate, chosen by --seed (default 0)")
+    p.add_argument("--times", type=int, default=1, help="K: how many times each duplicated image appears (with --duplicate)")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000; the paper: 15000)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4, the paper's)")
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate (default 1e-5, diffusers' text-to-image example)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the duplication, data order, noise and timesteps (default 0)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every this many steps (default 500)")
+    p.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], default="no", help="autocast on CUDA only (default no)"
+    )
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    # -- end finetune -----------------------------------------------------------------------------
+
     p = sub.add_parser("env", help="show versions, devices and which kernel backends loaded")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     return parser
@@ -1177,6 +1204,42 @@ def cmd_attack(args) -> None:
     _emit(args, summary, f"{s['flagged']} of {s['prompts']} prompts flagged{copies}; wrote {result.csv}")
 
 
+# -- finetune -------------------------------------------------------------------------------------
+def cmd_finetune(args) -> None:
+    from memcore.finetune import FinetuneConfig, prepare_finetune
+
+    config = FinetuneConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
+        mixed_precision=args.mixed_precision, duplicate=args.duplicate, times=args.times,
+    )
+    prepared = prepare_finetune(args.model, args.data, args.out, config, args.device)  # before the model loads
+
+    from memcore.finetune import finetune_denoiser
+    from memcore.models import load_pipeline
+
+    pipe = load_pipeline(args.model, args.device, "float32")  # trained in float32; mixed precision autocasts
+    result = finetune_denoiser(pipe, prepared)
+    losses = result.losses
+    summary = {
+        "out": str(result.out_dir),
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from,
+        "images": len(prepared.examples),
+        "duplicated": len(prepared.duplicated),
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "seconds": round(result.seconds, 3),
+        "steps_per_second": round(result.steps_per_second, 4),
+    }
+    resumed = f" (resumed at step {result.resumed_from})" if result.resumed_from else ""
+    _emit(args, summary, (
+        f"wrote {result.out_dir}: {result.steps} steps{resumed} on {len(prepared.examples)} images "
+        f"({len(prepared.duplicated)} duplicated x{config.times if prepared.duplicated else 1}), "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}, {summary['steps_per_second']:.3f} steps/s"
+    ))
+# -- end finetune ---------------------------------------------------------------------------------
+
+
 COMMANDS = {
     "attack": cmd_attack,
     "localize": cmd_localize,
@@ -1189,6 +1252,7 @@ COMMANDS = {
     "detect": cmd_detect,
     "data": cmd_data,
     "env": cmd_env,
+    "finetune": cmd_finetune,
 }
 
 
