@@ -443,12 +443,14 @@ def cli_outputs(saved, tmp_path, out_file, out_dir) -> dict[str, list]:
         "evaluate": ["evaluate", "--model", "tiny", "--prompts", prompts, "--seeds", "0", "--steps", "2",
                      "--height", "64", "--width", "64", "--mask", mask, "--out", out_dir],
         "evaluate-compare": ["evaluate", "--compare", tmp_path, "--out", out_file],
+        "attack": ["attack", "--model", "tiny", "--prompts", prompts, "--samples", "3", "--steps", "2",
+                   "--height", "64", "--width", "64", "--out", out_dir],
     }
 
 
 COMMANDS = [
     "localize", "localize-stats", "subsets", "subsets-stats", "mask", "prune", "generate", "analyze", "detect", "evaluate",
-    "evaluate-compare",
+    "evaluate-compare", "attack",
 ]
 
 
