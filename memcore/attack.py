@@ -254,25 +254,9 @@ def load_training_images(folder: str | os.PathLike, num_prompts: int) -> dict[in
     ``memcore evaluate --ground-truth`` (``NNNN.EXT``, ``NNNN_K.EXT``: :func:`memcore.fetch.find_images`);
     a one-line error (param ``ground_truth``) for a missing folder, one without such images, an
     image naming a prompt the list does not have, or an unreadable image."""
-    from memcore.evaluation import images_to_tensor, read_image
-    from memcore.fetch import find_images
+    from memcore.evaluation import ground_truth_files, images_to_tensor, read_image
 
-    shown = os.fspath(folder)
-    if not Path(shown).is_dir():
-        what = "not a folder" if Path(shown).exists() else "no such folder"
-        raise MemcoreError("{path}: {what}", "ground_truth", path=shown, what=what)
-    found = find_images(shown)
-    if not found:
-        raise MemcoreError(
-            "{path}: no image named by a prompt's index (NNNN.png, NNNN_K.png; 'memcore data fetch-images' writes them)",
-            "ground_truth", path=shown,
-        )
-    for index, paths in found.items():
-        if index >= num_prompts:
-            raise MemcoreError(
-                "{file}: names prompt {index} but the list has {count} prompts", "ground_truth",
-                file=os.fspath(paths[0]), index=index, count=num_prompts,
-            )
+    found = ground_truth_files(folder, num_prompts)
     return {i: [images_to_tensor([read_image(p, "ground_truth")])[0] for p in paths] for i, paths in found.items()}
 
 

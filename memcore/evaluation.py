@@ -148,6 +148,32 @@ def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
 # --- ground truth ---------------------------------------------------------------------------------
 
 
+def ground_truth_files(folder: str | os.PathLike, num_prompts: int) -> dict[int, list[Path]]:
+    """Each prompt's training images in ``folder``, named by the prompt's index (``NNNN.EXT``,
+    ``NNNN_K.EXT``: :func:`memcore.fetch.find_images`), or a one-line error (param
+    ``ground_truth``): the folder is missing, holds no such image, or names a prompt the list does
+    not have."""
+    from memcore.fetch import find_images
+
+    shown = os.fspath(folder)
+    if not Path(shown).is_dir():
+        what = "not a folder" if Path(shown).exists() else "no such folder"
+        raise MemcoreError("{path}: {what}", "ground_truth", path=shown, what=what)
+    found = find_images(shown)
+    if not found:
+        raise MemcoreError(
+            "{path}: no image named by a prompt's index (NNNN.png, NNNN_K.png; 'memcore data fetch-images' writes them)",
+            "ground_truth", path=shown,
+        )
+    for index, paths in found.items():
+        if index >= num_prompts:
+            raise MemcoreError(
+                "{file}: names prompt {index} but the list has {count} prompt{s} (images are named by the prompt's index, from 0)",
+                "ground_truth", file=os.fspath(paths[0]), index=index, count=num_prompts, s="" if num_prompts == 1 else "s",
+            )
+    return found
+
+
 @dataclass(frozen=True)
 class GroundTruth:
     """The training images of the prompts, as SSCD embeddings.
@@ -178,28 +204,12 @@ class GroundTruth:
                 named by a prompt index; an image names a prompt the list does not have; an image
                 cannot be read; no SSCD model was given.
         """
-        from memcore.fetch import find_images
-
         shown = os.fspath(folder)
         if scorers.sscd is None:
             raise MemcoreError(
                 "the ground-truth images serve the SSCD scores only; {sscd}", "ground_truth", sscd=Pass("sscd", "PATH")
             )
-        if not Path(shown).is_dir():
-            what = "not a folder" if Path(shown).exists() else "no such folder"
-            raise MemcoreError("{path}: {what}", "ground_truth", path=shown, what=what)
-        found = find_images(shown)
-        if not found:
-            raise MemcoreError(
-                "{path}: no image named by a prompt's index (NNNN.png, NNNN_K.png; 'memcore data fetch-images' writes them)",
-                "ground_truth", path=shown,
-            )
-        for index, paths in found.items():
-            if index >= num_prompts:
-                raise MemcoreError(
-                    "{file}: names prompt {index} but the list has {count} prompt{s} (images are named by the prompt's index, from 0)",
-                    "ground_truth", file=os.fspath(paths[0]), index=index, count=num_prompts, s="" if num_prompts == 1 else "s",
-                )
+        found = ground_truth_files(folder, num_prompts)
         embeddings = {}
         for index, paths in found.items():
             rows = [_sscd_embed(scorers, images_to_tensor([read_image(p, "ground_truth")])) for p in paths]

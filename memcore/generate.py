@@ -37,7 +37,6 @@ inner width over at most two lines, then truncated with "...").
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from dataclasses import dataclass, replace
@@ -372,23 +371,14 @@ def save_png(image, path: Path, info: dict) -> None:
     """Save ``image`` as a PNG whose ``memcore`` text chunk holds ``info`` (JSON), atomically
     (a temporary beside it, then a rename): a stopped run never leaves half an image."""
     import json
-    import tempfile
 
     from PIL.PngImagePlugin import PngInfo
 
+    from memcore.runs import write_atomic
+
     chunk = PngInfo()
     chunk.add_text("memcore", json.dumps(info, ensure_ascii=False, sort_keys=True), zip=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=chunk)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        tmp = None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+    write_atomic(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=chunk))
 
 
 def load_manifest(folder: str | os.PathLike) -> dict:

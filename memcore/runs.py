@@ -157,7 +157,9 @@ def partial_path(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a hidden temporary beside ``path``, then rename it over ``path``: a
+    process killed meanwhile leaves the temporary (removed when the run resumes), never half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -243,7 +245,7 @@ class Run:
         self.created = True
         (self.folder / PARTS).mkdir()
         record = {"format": RUN_FORMAT, "kind": self.kind, "settings": self.settings}
-        _write_atomic(
+        write_atomic(
             self.folder / RUN_FILE,
             lambda p: p.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"),
         )
@@ -303,9 +305,9 @@ class Run:
                 with open(path, "wb") as f:
                     np.savez(f, **arrays)
 
-            _write_atomic(self.folder / PARTS / f"{key}.npz", write)
+            write_atomic(self.folder / PARTS / f"{key}.npz", write)
         text = json.dumps({"rows": rows, "arrays": sorted(arrays or {})}, allow_nan=False, ensure_ascii=False)
-        _write_atomic(self._part(key), lambda p: p.write_text(text, encoding="utf-8"))
+        write_atomic(self._part(key), lambda p: p.write_text(text, encoding="utf-8"))
         self.recorded += 1
 
     def load(self, key: str) -> tuple[list[dict], dict[str, np.ndarray]]:
