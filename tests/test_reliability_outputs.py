@@ -49,6 +49,11 @@ def saved(tmp_path_factory):
     stats = collect_stats(pipe, ["a painting of a fox", "the great wave"], LocalizeConfig(timesteps=2, height=64, width=64, progress=False))
     stats.save(folder / "stats.safetensors")
     compute_mask(pipe, stats, sparsity=0.05, per_step=True).save(folder / "mask.safetensors")
+    from PIL import Image  # an image folder for finetune
+
+    (folder / "images").mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "images" / "red.png")
+    (folder / "images" / "metadata.jsonl").write_text('{"file_name": "red.png", "text": "a red square"}\n')
     return folder
 
 
@@ -445,12 +450,13 @@ def cli_outputs(saved, tmp_path, out_file, out_dir) -> dict[str, list]:
         "evaluate-compare": ["evaluate", "--compare", tmp_path, "--out", out_file],
         "attack": ["attack", "--model", "tiny", "--prompts", prompts, "--samples", "3", "--steps", "2",
                    "--height", "64", "--width", "64", "--out", out_dir],
+        "finetune": ["finetune", "--model", "tiny", "--data", saved / "images", "--steps", "1", "--out", out_dir],
     }
 
 
 COMMANDS = [
     "localize", "localize-stats", "subsets", "subsets-stats", "mask", "prune", "generate", "analyze", "detect", "evaluate",
-    "evaluate-compare", "attack",
+    "evaluate-compare", "attack", "finetune",
 ]
 
 
