@@ -438,9 +438,9 @@ def attack(
         raise MemcoreError(f"must be an integer of at least 2 (a clique needs two samples), got {samples!r}", param="samples")
     if (pipe is None) == (from_images is None):
         raise MemcoreError("give a pipeline to generate with, or a folder of images (from_images), not both", param="from_images")
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise MemcoreError("expected a non-empty list of prompt strings", param="prompts")
-    prompts = list(prompts)
+    from memcore.generate import check_prompts
+
+    prompts = check_prompts(prompts)
     seeds = list(range(samples))
     ranks = ranks or Ranks()
     resolved = None
@@ -493,25 +493,17 @@ def _device(pipe, device) -> torch.device:
 
 def _generation_settings(pipe, prompts, mask, force, steps, guidance, height, width, batch_size) -> dict:
     from memcore.config import LocalizeConfig, check_batch_size, check_guidance, check_image_settings, resolve_generation
-    from memcore.generate import _check_mask, mask_sha256
-    from memcore.models import model_id
+    from memcore.generate import load_checked_mask, mask_sha256, run_identity
 
     check_batch_size(batch_size)
     check_image_settings(steps, height, width)
     check_guidance(guidance)
-    if isinstance(mask, (str, os.PathLike)):
-        from memcore.mask import Mask
-
-        mask = Mask.load(mask)
-    if mask is not None:
-        _check_mask(pipe, mask, force)
+    mask, _ = load_checked_mask(pipe, mask, force)
     settings = resolve_generation(
         pipe, LocalizeConfig(steps=steps, guidance=guidance, height=height, width=width),
         images=min(batch_size, len(prompts)), decode=True,
     )
-    return {
-        "model": model_id(pipe), "dtype": str(pipe.dtype).removeprefix("torch."),
-        "settings": {k: v for k, v in settings.as_dict().items() if k not in ("seed", "call_timesteps")},
+    return run_identity(pipe, settings) | {
         "device": torch.device(pipe.device).type, "batch_size": batch_size,
         "mask_sha256": None if mask is None else mask_sha256(mask), "force": force,
         "_resolved": (settings, mask),

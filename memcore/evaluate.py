@@ -136,14 +136,15 @@ def evaluate(
     from memcore.driver import is_guided, truncation_reported_once
     from memcore.generate import (
         Latents,
-        _check_mask,
         check_generate_arguments,
+        check_prompts,
         generate_item,
+        load_checked_mask,
         mask_sha256,
+        run_identity,
         save_png,
         work_items,
     )
-    from memcore.models import model_id
     from memcore.runs import Ranks, Run
     from memcore.stats import prompts_sha256
 
@@ -152,9 +153,7 @@ def evaluate(
         batch_size=batch_size, mitigation=mitigation,
     )
     methods = methods_of(mask, mitigation, baseline)
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise MemcoreError("expected a non-empty list of prompt strings", param="prompts")
-    prompts = list(prompts)
+    prompts = check_prompts(prompts)
     if labels is not None and len(labels) != len(prompts):
         raise MemcoreError(f"{len(labels)} labels for {len(prompts)} prompts", param="labels")
     scorers = scorers or ev.Scorers()
@@ -167,13 +166,7 @@ def evaluate(
 
         wen = wen or WenSettings()
         check_supported(pipe)
-    mask_path = None
-    if isinstance(mask, (str, os.PathLike)):
-        from memcore.mask import Mask
-
-        mask_path, mask = os.fspath(mask), Mask.load(mask)
-    if mask is not None:
-        _check_mask(pipe, mask, force)
+    mask, mask_path = load_checked_mask(pipe, mask, force)
     if localize_seconds is not None and (mask is None or not localize_seconds >= 0):
         raise MemcoreError(f"must be a number >= 0, with a mask; got {localize_seconds!r}", param="localize_seconds")
     settings = resolve_generation(
@@ -189,8 +182,7 @@ def evaluate(
     ranks = ranks or Ranks()
     pipe.set_progress_bar_config(disable=True)
     mask_hash = None if mask is None else mask_sha256(mask)
-    info = {"model": model_id(pipe), "dtype": str(pipe.dtype).removeprefix("torch."),
-            "settings": {k: v for k, v in settings.as_dict().items() if k not in ("seed", "call_timesteps")}}
+    info = run_identity(pipe, settings)
     run_settings = info | {
         "device": str(getattr(pipe.device, "type", pipe.device)),
         "prompts_sha256": prompts_sha256(prompts),

@@ -224,18 +224,10 @@ def generate(
         check_supported(pipe)
     elif wen is not None:
         raise MemcoreError('is only used with mitigation="wen"', param="wen")
-    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise MemcoreError("expected a non-empty list of prompt strings", param="prompts")
-    prompts = list(prompts)
+    prompts = check_prompts(prompts)
     config = LocalizeConfig(steps=steps, guidance=guidance, height=height, width=width)
     settings = resolve_generation(pipe, config, images=min(batch_size, len(prompts)), decode=True)
-    mask_path = None
-    if isinstance(mask, (str, os.PathLike)):
-        from memcore.mask import Mask
-
-        mask_path, mask = str(mask), Mask.load(mask)
-    if mask is not None:
-        _check_mask(pipe, mask, force)  # before generating anything, not only when pruning
+    mask, mask_path = load_checked_mask(pipe, mask, force)
     if mitigation == "wen":
         from memcore.driver import is_guided
 
@@ -249,7 +241,6 @@ def generate(
     from tqdm.auto import tqdm
 
     from memcore.driver import truncation_reported_once
-    from memcore.models import model_id
     from memcore.runs import Ranks, Run
     from memcore.stats import prompts_sha256
 
@@ -258,8 +249,7 @@ def generate(
     phases = [False, True] if mask is not None else [False]
     items = {pruned: work_items(len(prompts), seeds, batch_size, "pruned" if pruned else "original") for pruned in phases}
     mask_hash = None if mask is None else mask_sha256(mask)
-    png = {"model": model_id(pipe), "dtype": str(pipe.dtype).removeprefix("torch."),
-           "settings": {k: v for k, v in settings.as_dict().items() if k not in ("seed", "call_timesteps")}}
+    png = run_identity(pipe, settings)
     run_settings = png | {
         "device": torch.device(pipe.device).type,
         "prompts_sha256": prompts_sha256(prompts),
@@ -329,6 +319,38 @@ def generate(
         manifest=out / "manifest.json",
         zeroed=zeroed,
     )
+
+
+def check_prompts(prompts) -> list[str]:
+    """``prompts`` as a list, or a one-line error unless it is a non-empty list of strings."""
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise MemcoreError("expected a non-empty list of prompt strings", param="prompts")
+    return list(prompts)
+
+
+def load_checked_mask(pipe, mask, force: bool):
+    """``(mask, path)``: a :class:`memcore.mask.Mask`, or the one read from the file ``mask`` (then its
+    path), checked against ``pipe``'s weights before anything is generated; ``(None, None)`` without."""
+    path = None
+    if isinstance(mask, (str, os.PathLike)):
+        from memcore.mask import Mask
+
+        path, mask = os.fspath(mask), Mask.load(mask)
+    if mask is not None:
+        _check_mask(pipe, mask, force)  # before generating anything, not only when pruning
+    return mask, path
+
+
+def run_identity(pipe, settings) -> dict:
+    """How generated images were made, as their PNG chunks and their runs record it: the model id,
+    its dtype and the generation settings (without the seed and the call timesteps)."""
+    from memcore.models import model_id
+
+    return {
+        "model": model_id(pipe),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
+        "settings": {k: v for k, v in settings.as_dict().items() if k not in ("seed", "call_timesteps")},
+    }
 
 
 @dataclass(frozen=True)
