@@ -383,6 +383,22 @@ class Trainer:
         return noise.to(latents.device), timesteps.to(latents.device)
 
 
+def training_step(trainer: Trainer, unet, optimizer, accelerator, batch: list[Example]) -> float:
+    """One optimizer step of ``unet`` (as prepared by ``accelerator``) on ``batch``: encode, draw noise
+    and timesteps from the run's generator, the diffusion loss, backward, gradient clipping at
+    ``MAX_GRAD_NORM``, AdamW; returns the loss before the step."""
+    with accelerator.autocast():
+        latents, hidden = trainer.encode(batch)
+    noise, timesteps = trainer.draw(latents)
+    with accelerator.autocast():
+        loss = diffusion_loss(unet, trainer.noise_scheduler, latents, hidden, noise, timesteps)
+    accelerator.backward(loss)
+    accelerator.clip_grad_norm_(unet.parameters(), MAX_GRAD_NORM)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 @dataclass
 class FinetuneResult:
     out_dir: Path
@@ -506,18 +522,9 @@ def finetune_denoiser(pipe, prepared: Prepared, progress: bool = True) -> Finetu
         with tqdm(total=config.steps, initial=step, desc="finetune", unit="step", disable=None if progress else True) as bar:
             while step < config.steps:
                 batch = batch_at(prepared.train, config.seed, position, config.batch_size)
-                with accelerator.autocast():
-                    latents, hidden = trainer.encode(batch)
-                noise, timesteps = trainer.draw(latents)
-                with accelerator.autocast():
-                    loss = diffusion_loss(unet_p, trainer.noise_scheduler, latents, hidden, noise, timesteps)
-                accelerator.backward(loss)
-                accelerator.clip_grad_norm_(unet_p.parameters(), MAX_GRAD_NORM)
-                optimizer_p.step()
-                optimizer_p.zero_grad(set_to_none=True)
+                losses.append(training_step(trainer, unet_p, optimizer_p, accelerator, batch))
                 step += 1
                 position += config.batch_size
-                losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
                 if step % config.save_every == 0 or step == config.steps:
