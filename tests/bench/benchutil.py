@@ -36,6 +36,11 @@ _SPEED_ORDER = ("cuda", "triton", "cpu", "reference")
 
 SMOKE = os.environ.get("MEMCORE_BENCH_SMOKE", "") not in ("", "0")
 
+# torch intra-op threads of the model-level benchmarks on the CPU (None: torch's default, always on
+# CUDA). One by default: on a 2-core machine shared with other jobs, two threads made rounds 10 to 20
+# times slower and far noisier (tests/bench/test_bench_evaluate.py).
+THREADS = None if ON_CUDA else int(os.environ.get("MEMCORE_BENCH_THREADS", "1"))
+
 # time each benchmark for about this long (seconds), within [MIN_ROUNDS, MAX_ROUNDS] rounds
 BUDGET_S = 0.05 if SMOKE else 1.0 if ON_CUDA else 3.0
 MIN_ROUNDS = 3 if ON_CUDA else 2
@@ -58,6 +63,19 @@ def require(module: ModuleType, provider: str) -> None:
 def fastest(module: ModuleType) -> str:
     names = runnable(module)
     return next(name for name in _SPEED_ORDER if name in names)
+
+
+@pytest.fixture(scope="module")
+def bench_threads():
+    """Run a module's benchmarks with :data:`THREADS` torch threads; use with
+    ``pytestmark = pytest.mark.usefixtures("bench_threads")`` after ``from benchutil import bench_threads``."""
+    if THREADS is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
 
 
 def synchronize() -> None:

@@ -25,12 +25,11 @@ thread (``MEMCORE_BENCH_THREADS``), as in the evaluate benchmark.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-from benchutil import DEVICE, ON_CUDA, SMOKE, measure, record
+from benchutil import DEVICE, ON_CUDA, SMOKE, THREADS, bench_threads, measure, record  # noqa: F401 (bench_threads: a fixture)
 
 from memcore.attack import MIN_CLIQUE, THRESHOLD, analyze_prompt, cliques, pairwise_tiled_l2
 
@@ -38,20 +37,11 @@ SAMPLES = 50
 PIXELS = 64 if SMOKE else 512
 STEPS = 2 if SMOKE else 50 if ON_CUDA else 10  # on the CPU one 50-step sample at 512 px takes minutes
 COPIES = 10
-THREADS = None if ON_CUDA else int(os.environ.get("MEMCORE_BENCH_THREADS", "1"))
 GROUP = f"attack per prompt: {SAMPLES} samples of {PIXELS} px, {DEVICE.type}, {THREADS or 'default'} thread(s)"
 _medians: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    if THREADS is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("bench_threads")
 
 
 @pytest.fixture(scope="module")

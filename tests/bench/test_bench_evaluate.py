@@ -48,7 +48,7 @@ import numpy as np
 import pytest
 import torch
 
-from benchutil import DEVICE, ON_CUDA, SMOKE, record
+from benchutil import DEVICE, ON_CUDA, SMOKE, THREADS, bench_threads, record  # noqa: F401 (bench_threads: a fixture)
 
 pytest.importorskip("diffusers")
 from memcore.config import LocalizeConfig, resolve_generation  # noqa: E402
@@ -62,7 +62,6 @@ PIXELS = 64
 BATCH = NUM_PROMPTS
 SEEDS = [0]
 ROUNDS = 2 if SMOKE else int(os.environ.get("MEMCORE_BENCH_EVAL_ROUNDS", "10"))
-THREADS = None if ON_CUDA else int(os.environ.get("MEMCORE_BENCH_THREADS", "1"))
 WEN_STEPS = 2 if SMOKE else 10
 TAU = 10  # memcore localize's default
 WEN = {
@@ -75,15 +74,7 @@ GROUP = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    if THREADS is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("bench_threads")
 
 
 @pytest.fixture(scope="module")

@@ -21,33 +21,23 @@ On the CPU torch runs with one thread unless ``MEMCORE_BENCH_THREADS`` says othe
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchutil import DEVICE, ON_CUDA, SMOKE, measure, record
+from benchutil import DEVICE, ON_CUDA, SMOKE, THREADS, bench_threads, measure, record  # noqa: F401 (bench_threads: a fixture)
 
 pytest.importorskip("diffusers")
 from memcore.finetune import FinetuneConfig, Trainer, read_image_folder, training_step  # noqa: E402
 from memcore.scenes import write_image_folder  # noqa: E402
 
 BATCH = 4
-THREADS = None if ON_CUDA else int(os.environ.get("MEMCORE_BENCH_THREADS", "1"))
 SD15_UNET = Path(__file__).resolve().parents[1] / "configs" / "sd15_unet.json"
 MODELS = ["tiny"] + (["sd15-arch"] if ON_CUDA and not SMOKE else [])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    if THREADS is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("bench_threads")
 
 
 def _pipeline(model: str):
