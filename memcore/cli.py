@@ -379,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP + " (SD 1.x and 2.x only)")
     p.add_argument("--data", required=True, help="image folder with metadata.jsonl (file_name, text per line)")
     p.add_argument("--out", required=True, help="new folder for the fine-tuned pipeline (work in OUT.partial)")
-    p.add_argument("--duplicate", type=int, default=0, help="N: how many images to duplicate, chosen by --seed (default 0)")
+    p.add_argument("--duplicate", "--duplicates", type=int, default=0, dest="duplicate",
+                   help="N: how many images to duplicate, chosen by --seed (default 0); spell it --duplicates under "
+                        "torchrun, whose own --duplicate-* options make it ambiguous")
     p.add_argument("--times", type=int, default=1, help="K: how many times each duplicated image appears (with --duplicate)")
     p.add_argument("--steps", type=int, default=1000, help="optimizer steps (default 1000; the paper: 15000)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step (default 4, the paper's)")
@@ -1212,13 +1214,18 @@ def cmd_finetune(args) -> None:
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_every=args.save_every,
         mixed_precision=args.mixed_precision, duplicate=args.duplicate, times=args.times,
     )
-    prepared = prepare_finetune(args.model, args.data, args.out, config, args.device)  # before the model loads
+    from memcore.runs import processes
 
-    from memcore.finetune import finetune_denoiser
-    from memcore.models import load_pipeline
+    with processes(args.device) as (ranks, device):
+        prepared = prepare_finetune(args.model, args.data, args.out, config, device, ranks)  # before the model loads
 
-    pipe = load_pipeline(args.model, args.device, "float32")  # trained in float32; mixed precision autocasts
-    result = finetune_denoiser(pipe, prepared)
+        from memcore.finetune import finetune_denoiser
+        from memcore.models import load_pipeline
+
+        pipe = load_pipeline(args.model, device, "float32")  # trained in float32; mixed precision autocasts
+        result = finetune_denoiser(pipe, prepared, ranks=ranks)
+    if not ranks.main:
+        return
     losses = result.losses
     summary = {
         "out": str(result.out_dir),
@@ -1256,7 +1263,7 @@ COMMANDS = {
 }
 
 
-PARALLEL_COMMANDS = ("generate", "evaluate", "detect", "attack")
+PARALLEL_COMMANDS = ("generate", "evaluate", "detect", "attack", "finetune")
 """Commands that share their work among the processes of a ``torchrun`` launch (memcore.runs)."""
 
 

@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 
 from memcore.errors import MemcoreError
+from memcore.runs import Ranks
 
 METADATA = "metadata.jsonl"
 DUPLICATED = "duplicated.jsonl"
@@ -269,15 +270,22 @@ class Prepared:
     settings: dict = field(default_factory=dict)
 
 
-def prepare_finetune(model: str, data, out_dir, config: FinetuneConfig, device: str | None = None) -> Prepared:
+def prepare_finetune(model: str, data, out_dir, config: FinetuneConfig, device: str | None = None,
+                     ranks: Ranks | None = None) -> Prepared:
     """Check everything that needs no pipeline: the settings, the device (mixed precision only on
-    CUDA), the data folder, the duplication, the output folder (claimed), and, when ``OUT.partial``
-    holds an unfinished run, that its settings are these."""
+    CUDA), the batch against the processes, the data folder, the duplication, the output folder
+    (claimed), and, when ``OUT.partial`` holds an unfinished run, that its settings are these."""
     from memcore.io import check_distinct, check_output_dir
     from memcore.models import resolve_device
     from memcore.runs import Run, partial_path
 
     config.check()
+    world = (ranks or Ranks()).world
+    if config.batch_size % world:
+        raise MemcoreError(
+            f"is {config.batch_size}, which {world} processes cannot share equally; give a multiple of {world}",
+            param="batch_size",
+        )
     dev, _ = resolve_device(device, "float32")
     if config.mixed_precision != "no" and dev.type != "cuda":
         raise MemcoreError(f"{config.mixed_precision} runs on a CUDA device only (this run is on {dev.type})", param="mixed_precision")
@@ -383,20 +391,32 @@ class Trainer:
         return noise.to(latents.device), timesteps.to(latents.device)
 
 
-def training_step(trainer: Trainer, unet, optimizer, accelerator, batch: list[Example]) -> float:
+def training_step(trainer: Trainer, unet, optimizer, accelerator, batch: list[Example], ranks: Ranks | None = None) -> float:
     """One optimizer step of ``unet`` (as prepared by ``accelerator``) on ``batch``: encode, draw noise
     and timesteps from the run's generator, the diffusion loss, backward, gradient clipping at
-    ``MAX_GRAD_NORM``, AdamW; returns the loss before the step."""
+    ``MAX_GRAD_NORM``, AdamW; returns the loss of the whole batch before the step.
+
+    With several processes (``ranks``), every process encodes the whole batch and draws its noise and
+    timesteps, so that the generator advances as in one process, then trains on its equal share
+    (process r takes the r-th consecutive slice); the gradients are averaged across processes (DDP,
+    set up by ``accelerator.prepare``), which makes them those of the whole batch's mean loss."""
+    ranks = ranks or Ranks()
     with accelerator.autocast():
         latents, hidden = trainer.encode(batch)
     noise, timesteps = trainer.draw(latents)
+    if ranks.world > 1:
+        share = slice(ranks.rank * len(batch) // ranks.world, (ranks.rank + 1) * len(batch) // ranks.world)
+        latents, hidden, noise, timesteps = latents[share], hidden[share], noise[share], timesteps[share]
     with accelerator.autocast():
         loss = diffusion_loss(unet, trainer.noise_scheduler, latents, hidden, noise, timesteps)
     accelerator.backward(loss)
     accelerator.clip_grad_norm_(unet.parameters(), MAX_GRAD_NORM)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    loss = loss.detach()
+    if ranks.world > 1:
+        loss = accelerator.reduce(loss, reduction="mean")
+    return float(loss)
 
 
 @dataclass
@@ -485,9 +505,13 @@ def _loss_summary(losses: list[float]) -> dict:
     }
 
 
-def finetune_denoiser(pipe, prepared: Prepared, progress: bool = True) -> FinetuneResult:
+def finetune_denoiser(pipe, prepared: Prepared, progress: bool = True, ranks: Ranks | None = None) -> FinetuneResult:
     """Train ``pipe``'s denoiser as :class:`Prepared` says (see the module docstring) and write the
-    fine-tuned pipeline to ``prepared.out``; resumes from ``OUT.partial`` when one is there."""
+    fine-tuned pipeline to ``prepared.out``; resumes from ``OUT.partial`` when one is there.
+
+    With several processes (``ranks``, the process group joined: :func:`memcore.runs.start_processes`)
+    the training is data-parallel (:func:`training_step`); process 0 writes the checkpoints and the
+    output, the others wait for it."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -512,22 +536,24 @@ def finetune_denoiser(pipe, prepared: Prepared, progress: bool = True) -> Finetu
     scaler = getattr(accelerator, "scaler", None)
 
     started = time.perf_counter()
-    with Run(prepared.out, kind="finetune", settings=prepared.settings) as run:
+    ranks = ranks or Ranks()
+    with Run(prepared.out, kind="finetune", settings=prepared.settings, ranks=ranks) as run:
         step, position, losses = 0, 0, []
         found = _checkpoints(run.folder)
         if found:
             step, position, losses = load_checkpoint(found[-1][1], unet, optimizer, trainer, scaler)
         resumed_from = step
         first = step
-        with tqdm(total=config.steps, initial=step, desc="finetune", unit="step", disable=None if progress else True) as bar:
+        quiet = not progress or not ranks.main
+        with tqdm(total=config.steps, initial=step, desc="finetune", unit="step", disable=True if quiet else None) as bar:
             while step < config.steps:
                 batch = batch_at(prepared.train, config.seed, position, config.batch_size)
-                losses.append(training_step(trainer, unet_p, optimizer_p, accelerator, batch))
+                losses.append(training_step(trainer, unet_p, optimizer_p, accelerator, batch, ranks))
                 step += 1
                 position += config.batch_size
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}")
-                if step % config.save_every == 0 or step == config.steps:
+                if (step % config.save_every == 0 or step == config.steps) and ranks.main:
                     with deferred_signals():
                         save_checkpoint(run.folder, step, unet, optimizer, trainer, position, losses, prepared.settings, scaler)
                         run.record(f"{CHECKPOINT_PREFIX}{step:08d}", [{"step": step}])
@@ -538,31 +564,41 @@ def finetune_denoiser(pipe, prepared: Prepared, progress: bool = True) -> Finetu
             unet.disable_gradient_checkpointing()
         unet.eval()
         unet.requires_grad_(False)
-        pipe.save_pretrained(run.folder, safe_serialization=True)
-        _write_jsonl(run.folder / DUPLICATED, [
-            {"file_name": e.file_name, "text": e.text, "caption": e.text, "times": config.times}
-            for e in prepared.duplicated
-        ])
-        summary = {
-            "format": FORMAT,
-            "settings": prepared.settings,
-            "images": len(prepared.examples),
-            "training_list": len(prepared.train),
-            "duplicated": len(prepared.duplicated),
-            "resolution": trainer.size,
-            "noise_scheduler": "DDPMScheduler",
-            "prediction_type": trainer.noise_scheduler.config.prediction_type,
-            "resumed_from_step": resumed_from,
-            "seconds_this_run": round(seconds, 3),
-            "steps_per_second_this_run": round(trained / seconds, 4) if seconds > 0 else None,
-            "loss": _loss_summary(losses),
-        }
-        (run.folder / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        for _, path in _checkpoints(run.folder):
-            shutil.rmtree(path, ignore_errors=True)
+        if ranks.main:
+            _write_outputs(run.folder, pipe, prepared, trainer, resumed_from, seconds, trained, losses, ranks.world)
     return FinetuneResult(
         prepared.out, step, resumed_from, losses, seconds, trained / seconds if seconds > 0 else float("nan")
     )
+
+
+def _write_outputs(folder: Path, pipe, prepared: Prepared, trainer: Trainer, resumed_from: int, seconds: float,
+                   trained: int, losses: list[float], processes: int) -> None:
+    """The finished run's files in ``folder``: the pipeline, ``duplicated.jsonl``, ``finetune.json``;
+    then the checkpoints go."""
+    config = prepared.config
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _write_jsonl(folder / DUPLICATED, [
+        {"file_name": e.file_name, "text": e.text, "caption": e.text, "times": config.times}
+        for e in prepared.duplicated
+    ])
+    summary = {
+        "format": FORMAT,
+        "settings": prepared.settings,
+        "images": len(prepared.examples),
+        "training_list": len(prepared.train),
+        "duplicated": len(prepared.duplicated),
+        "resolution": trainer.size,
+        "noise_scheduler": "DDPMScheduler",
+        "prediction_type": trainer.noise_scheduler.config.prediction_type,
+        "resumed_from_step": resumed_from,
+        "processes_this_run": processes,
+        "seconds_this_run": round(seconds, 3),
+        "steps_per_second_this_run": round(trained / seconds, 4) if seconds > 0 else None,
+        "loss": _loss_summary(losses),
+    }
+    (folder / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    for _, path in _checkpoints(folder):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -158,6 +158,53 @@ def test_resume_matches_an_uninterrupted_run_and_the_output_loads(tmp_path, caps
     assert len(list((tmp_path / "pictures").rglob("*.png"))) >= 1
 
 
+@pytest.mark.slow
+def test_two_processes_train_what_one_trains(tmp_path, small_model):
+    """Data-parallel under torchrun --nproc-per-node 2 (gloo, CPU): each process takes half of every
+    batch and DDP averages the gradients, so the losses and weights are those of one process, up to
+    the order of float32 sums; and a batch that two processes cannot share is refused."""
+    import os
+    import subprocess
+    import sys
+
+    data = make_folder(tmp_path / "data", 6)
+    args = ["finetune", "--model", small_model, "--data", data, "--steps", 3, "--batch-size", 4, "--lr", 1e-3,
+            "--save-every", 2, "--duplicates", 2, "--times", 3, "--seed", 1, "--device", "cpu"]  # torchrun's spelling
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+
+    def run(processes: int, out: Path, *extra) -> subprocess.CompletedProcess:
+        launcher = [sys.executable, "-m", "memcore"]
+        if processes > 1:
+            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                        str(processes), "-m", "memcore"]
+        return subprocess.run(launcher + [str(a) for a in (*args, *extra, "--out", out)], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=600)
+
+    for processes in (1, 2):
+        done = run(processes, tmp_path / f"p{processes}")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.count("wrote") == 1  # process 0 alone reports
+    one, two = (load_file(tmp_path / f"p{n}" / "unet" / "diffusion_pytorch_model.safetensors") for n in (1, 2))
+    base = load_file(small_model / "unet" / "diffusion_pytorch_model.safetensors")
+    assert one.keys() == two.keys()
+    # Adam divides by the gradient's size, so a weight whose gradient is near 0 moves by up to lr
+    # whatever rounding does to it: compare all the weights at once, against how far training moved them
+    flat = {n: torch.cat([w[k].flatten() for k in sorted(one)]) for n, w in (("one", one), ("two", two), ("base", base))}
+    moved = (flat["one"] - flat["base"]).norm()
+    assert moved > 0.1
+    assert (flat["two"] - flat["one"]).norm() < 1e-3 * moved
+    loss = [json.loads((tmp_path / f"p{n}" / "finetune.json").read_text()) for n in (1, 2)]
+    assert loss[1]["processes_this_run"] == 2
+    torch.testing.assert_close(torch.tensor(loss[1]["loss"]["every_step"]), torch.tensor(loss[0]["loss"]["every_step"]),
+                               rtol=1e-5, atol=1e-6)
+
+    done = run(2, tmp_path / "odd", "--batch-size", 3)
+    # each process exits with 2 and its one line; torchrun itself reports a failed child with 1
+    assert done.returncode == 1 and "--batch-size: is 3, which 2 processes cannot share equally" in done.stderr
+    assert not (tmp_path / "odd").exists() and not (tmp_path / "odd.partial").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # user mistakes: one line, exit 2, nothing left
 
