@@ -22,6 +22,7 @@ from memcore.errors import Call, MemcoreError, Mention, Param, Pass
 
 MODEL_HELP = (
     "an embedded random-weight model (tiny: SD 1.5 architecture, tiny-sd2, tiny-sdxl, tiny-pixart, tiny-sd3), "
+    "the tiny memorizer once built ('memcore demo build': tiny-memorizer, tiny-memorizer-small), "
     "an alias (sd14, sd15, sd2-base, sd21-base, sd2, sd21, sdxl, pixart, sd3), a hub id, or a local diffusers folder; the "
     "local cache is used first, the hub only when HF_HUB_OFFLINE is unset"
 )
@@ -394,6 +395,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     # -- end finetune -----------------------------------------------------------------------------
+
+    p = sub.add_parser(
+        "demo",
+        help="build the tiny memorizer: a CPU-sized model that memorizes a few duplicated photos",
+        description="demo build: train the tiny memorizer (procedural captioned scenes plus a few public-domain "
+        "photos, each duplicated; a small autoencoder, then the denoiser through memcore finetune), cached in "
+        "MEMCORE_CACHE (default ~/.cache/memcore) and resumed where a stopped build left off. Every command then "
+        "loads it with --model tiny-memorizer. See docs/demo.md.",
+    )
+    p.add_argument("action", choices=["build", "measure"],
+                   help="build: train the model, or finish a stopped build; measure: caption consistency on held-out "
+                        "scenes and copies of the private photos, into --out")
+    p.add_argument("--model", default="tiny-memorizer", choices=["tiny-memorizer", "tiny-memorizer-small"],
+                   help="which memorizer (default tiny-memorizer, about 30 minutes on 2 CPU cores; "
+                        "tiny-memorizer-small, a few minutes)")
+    p.add_argument("--out", help="measure: new folder for report.json and copies.png")
+    p.add_argument("--samples", type=int, default=8, help="measure: samples per private caption (default 8)")
+    p.add_argument("--steps", type=int, default=20, help="measure: inference steps (default 20)")
+    p.add_argument("--guidance", type=float, default=1.0, help="measure: guidance scale (default 1: none)")
+    p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
 
     p = sub.add_parser("env", help="show versions, devices and which kernel backends loaded")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
@@ -1247,8 +1269,56 @@ def cmd_finetune(args) -> None:
 # -- end finetune ---------------------------------------------------------------------------------
 
 
+def cmd_demo(args) -> None:
+    from memcore import demo
+
+    if args.action == "measure":
+        _demo_measure(args)
+        return
+    if args.out is not None:
+        raise MemcoreError("is for 'memcore demo measure'", param="out")
+    started = time.perf_counter()
+    folder = demo.build(args.model, device=args.device)
+    record = json.loads((folder.parent / demo.BUILD_RECORD).read_text())
+    _emit(args, {"model": args.model, "folder": str(folder), **record},
+          f"{args.model} is built in {folder} ({time.perf_counter() - started:.0f} s this run); "
+          f"use it with --model {args.model}")
+
+
+def _demo_measure(args) -> None:
+    import shutil
+
+    from memcore import demo
+    from memcore.demo_measure import draw_copies, measure
+    from memcore.io import check_output_dir
+    from memcore.models import load_pipeline
+    from memcore.runs import partial_path
+
+    if args.out is None:
+        raise MemcoreError("is required: the folder for report.json and copies.png", param="out")
+    if args.samples < 3:
+        raise MemcoreError(f"must be at least 3 (the attack's smallest clique), got {args.samples}", param="samples")
+    out = check_output_dir(args.out, "out")
+    pipe = load_pipeline(args.model, args.device, "float32")
+    report = measure(pipe, demo.SPECS[args.model], samples=args.samples, steps=args.steps, guidance=args.guidance)
+    partial = partial_path(out)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    draw_copies(report, partial / "copies.png")
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    (partial / "report.json").write_text(json.dumps({"model": args.model, **public}, indent=2) + "\n", encoding="utf-8")
+    partial.rename(out)
+    s = public["summary"]
+    _emit(args, public, (
+        f"wrote {out}: private captions flagged {s['private_flagged']}/{s['prompts_each']}, copied "
+        f"{s['private_copied']}/{s['prompts_each']}; generic flagged {s['generic_flagged']}/{s['prompts_each']}; "
+        f"held-out captions all labels right {public['consistency_held_out']['all']:.2f}"
+    ))
+
+
 COMMANDS = {
     "attack": cmd_attack,
+    "demo": cmd_demo,
     "localize": cmd_localize,
     "mask": cmd_mask,
     "prune": cmd_prune,

@@ -26,6 +26,8 @@ import torch
 from memcore.errors import MemcoreError, Param
 from memcore.tiny import FAMILIES
 
+DEMO_MODELS = ("tiny-memorizer", "tiny-memorizer-small")  # memcore.demo builds them
+
 logger = logging.getLogger("memcore")
 
 TINY = "tiny"
@@ -390,6 +392,11 @@ def load_pipeline(model: str, device: str | torch.device | None = None, dtype: s
     dev, dt = resolve_device(device, dtype)
     if model in FAMILIES:
         pipe = FAMILIES[model](dtype=dt)
+    elif model in DEMO_MODELS:
+        from memcore.demo import model_folder
+
+        folder = model_folder(model)
+        pipe = _from_folder(str(folder), folder, dt)
     else:
         path = Path(model).expanduser()
         repo_id = resolve_model_id(model)

@@ -41,6 +41,7 @@ POSITIONS = tuple(f"{row} {column}" if (row, column) != ("middle", "centre") els
                   for row in ROWS for column in COLUMNS)
 SIZES = ("small", "large")
 SUPERSAMPLE = 4
+VERSION = 2  # of the drawing and the captions: part of what a cached build depends on
 METADATA = "metadata.jsonl"
 
 
@@ -56,7 +57,8 @@ class Scene:
 
     def caption(self) -> str:
         where = "in the centre" if self.position == "centre" else f"at the {self.position}"
-        return f"a {self.size} {self.colour} {self.shape} {where} on a {self.background} background"
+        article = "an" if self.background[0] in "aeiou" else "a"
+        return f"a {self.size} {self.colour} {self.shape} {where} on {article} {self.background} background"
 
 
 def scene(seed: int, index: int) -> Scene:
@@ -75,7 +77,7 @@ def draw(item: Scene, size: int = 64):
     row, column = _cell(item.position)
     cell = big / 3
     cx, cy = (column + 0.5) * cell, (row + 0.5) * cell
-    radius = cell * (0.5 if item.size == "large" else 0.28)
+    radius = cell * (0.5 if item.size == "large" else 0.34)
     fill = COLOURS[item.colour]
     pen = ImageDraw.Draw(image)
     if item.shape == "circle":

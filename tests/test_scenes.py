@@ -22,8 +22,8 @@ def test_a_scene_is_a_function_of_seed_and_index():
 def test_caption_names_every_label():
     item = Scene("triangle", "red", "blue", "top left", "small")
     assert item.caption() == "a small red triangle at the top left on a blue background"
-    assert Scene("circle", "green", "white", "centre", "large").caption() == (
-        "a large green circle in the centre on a white background")
+    assert Scene("circle", "green", "orange", "centre", "large").caption() == (
+        "a large green circle in the centre on an orange background")
 
 
 @pytest.mark.parametrize("position", POSITIONS)
