@@ -146,8 +146,9 @@ def write_training_data(spec: MemorizerSpec, folder: Path) -> Path:
     generic = folder / "scenes"
     if not (generic / METADATA).is_file():
         write_image_folder(generic, spec.generic, size=spec.pixels, seed=spec.seed)
-    rows = [dict(json.loads(line), file_name=f"scenes/{json.loads(line)['file_name']}")
-            for line in (generic / METADATA).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (generic / METADATA).read_text(encoding="utf-8").splitlines() if line.strip()]
+    for row in rows:
+        row["file_name"] = f"scenes/{row['file_name']}"
     # the first scenes again, uncaptioned (as separate files: a folder names each image once)
     (folder / "blank").mkdir(exist_ok=True)
     for i in range(round(spec.blank * spec.generic)):

@@ -87,6 +87,31 @@ def train_classifier(pixels: int, count: int = 4000, steps: int = 600, seed: int
     return model, {"train_seconds": round(time.perf_counter() - started, 1), "clean_accuracy": accuracy}
 
 
+def cached_classifier(pixels: int) -> tuple[SceneClassifier, dict]:
+    """:func:`train_classifier` at ``pixels``, trained once per machine and kept beside the demo
+    builds (``MEMCORE_CACHE``): the weights in safetensors, its record in JSON."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from memcore.demo import cache_root
+    from memcore.runs import write_atomic
+    from memcore.scenes import VERSION
+
+    base = cache_root() / f"scene-classifier-{pixels}px-v{VERSION}"
+    weights, record_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+    if weights.is_file() and record_path.is_file():
+        model = SceneClassifier()
+        model(torch.zeros(1, 3, pixels, pixels))
+        model.load_state_dict(load_file(weights))
+        return model.eval(), json.loads(record_path.read_text())
+    model, record = train_classifier(pixels)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(weights, lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p))
+    write_atomic(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    return model, record
+
+
 @torch.no_grad()
 def label_accuracy(model: SceneClassifier, images: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict:
     """Per-label accuracy and the share of images with every label right."""
@@ -155,7 +180,7 @@ def measure(pipe, spec, samples: int = 8, steps: int = 20, guidance: float = 1.0
     started = time.perf_counter()
     report: dict = {"samples": samples, "steps": steps, "guidance": guidance}
     if classifier is None:
-        classifier, report["classifier"] = train_classifier(spec.pixels)
+        classifier, report["classifier"] = cached_classifier(spec.pixels)
     seeds = list(range(samples))
     held = held_out_scenes(spec)
     seen = [scene(spec.seed, i) for i in range(min(spec.held_out, spec.generic))]
