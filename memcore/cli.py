@@ -22,10 +22,12 @@ from memcore.errors import Call, MemcoreError, Mention, Param, Pass
 
 MODEL_HELP = (
     "an embedded random-weight model (tiny: SD 1.5 architecture, tiny-sd2, tiny-sdxl, tiny-pixart, tiny-sd3), "
-    "the tiny memorizer once built ('memcore demo build': tiny-memorizer, tiny-memorizer-small), "
+    "the tiny memorizer (tiny-memorizer, shipped: see 'memcore demo'), "
     "an alias (sd14, sd15, sd2-base, sd21-base, sd2, sd21, sdxl, pixart, sd3), a hub id, or a local diffusers folder; the "
     "local cache is used first, the hub only when HF_HUB_OFFLINE is unset"
 )
+
+DEMO_FAMILIES = ("ffn", "attn2.to_v", "attn2.to_k")  # memcore.demo_run.FAMILIES, without importing torch
 
 
 def _add_model_args(p: argparse.ArgumentParser, device_help: str, dtype_help: str) -> None:
@@ -398,22 +400,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="build the tiny memorizer: a CPU-sized model that memorizes a few duplicated photos",
-        description="demo build: train the tiny memorizer (procedural captioned scenes plus a few public-domain "
-        "photos, each duplicated; a small autoencoder, then the denoiser through memcore finetune), cached in "
-        "MEMCORE_CACHE (default ~/.cache/memcore) and resumed where a stopped build left off. Every command then "
-        "loads it with --model tiny-memorizer. See docs/demo.md.",
+        help="the tiny memorizer: a CPU-sized model that memorizes a few duplicated photos, and the experiment on it",
+        description="The tiny memorizer ships with memcore (--model tiny-memorizer in every command): a text-to-image "
+        "pipeline trained on procedural captioned scenes plus a few public-domain photos, each duplicated. "
+        "demo run: the paper's experiment on it; demo measure: what it learned and copies; demo build: train it "
+        "again from scratch on this machine (about 30 minutes on 2 CPU cores), cached in MEMCORE_CACHE (default "
+        "~/.cache/memcore) and resumed where a stopped build left off; --built then uses that build instead of the "
+        "shipped weights. See docs/demo.md.",
     )
-    p.add_argument("action", choices=["build", "measure"],
+    p.add_argument("action", choices=["build", "measure", "run"],
                    help="build: train the model, or finish a stopped build; measure: caption consistency on held-out "
-                        "scenes and copies of the private photos, into --out")
-    p.add_argument("--model", default="tiny-memorizer", choices=["tiny-memorizer", "tiny-memorizer-small"],
-                   help="which memorizer (default tiny-memorizer, about 30 minutes on 2 CPU cores; "
-                        "tiny-memorizer-small, a few minutes)")
-    p.add_argument("--out", help="measure: new folder for report.json and copies.png")
-    p.add_argument("--samples", type=int, default=8, help="measure: samples per private caption (default 8)")
-    p.add_argument("--steps", type=int, default=20, help="measure: inference steps (default 20)")
-    p.add_argument("--guidance", type=float, default=1.0, help="measure: guidance scale (default 1: none)")
+                        "scenes and copies of the private photos, into --out; run: the experiment (detect, localize "
+                        "on the private captions and on generic ones, prune each family at each sparsity against "
+                        "random masks of equal size, measure again), into --out")
+    p.add_argument("--model", default="tiny-memorizer", choices=["tiny-memorizer"], help="which memorizer (default tiny-memorizer)")
+    p.add_argument("--built", action="store_true",
+                   help="measure, run: use this machine's build ('memcore demo build') instead of the shipped weights")
+    p.add_argument("--out", help="measure, run: new folder for the report, its table and pictures")
+    p.add_argument("--samples", type=int, default=8, help="measure, run: samples per private caption (default 8)")
+    p.add_argument("--steps", type=int, default=20, help="measure, run: inference steps (default 20)")
+    p.add_argument("--guidance", type=float, default=1.0, help="measure, run: guidance scale (default 1: none)")
+    p.add_argument("--families", default=",".join(DEMO_FAMILIES),
+                   help=f"run: target families to localize and prune, comma-separated (default {','.join(DEMO_FAMILIES)})")
+    p.add_argument("--sparsities", default="0.01,0.03,0.1",
+                   help="run: sparsities s of the masks, comma-separated (default 0.01,0.03,0.1)")
+    p.add_argument("--consistency", type=int, default=100,
+                   help="run: held-out captions generated for caption consistency (default 100)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
 
@@ -1275,8 +1287,12 @@ def cmd_demo(args) -> None:
     if args.action == "measure":
         _demo_measure(args)
         return
-    if args.out is not None:
-        raise MemcoreError("is for 'memcore demo measure'", param="out")
+    if args.action == "run":
+        _demo_run(args)
+        return
+    for name in ("out", "built"):
+        if getattr(args, name):
+            raise MemcoreError("is for 'memcore demo measure' and 'memcore demo run'", param=name)
     started = time.perf_counter()
     folder = demo.build(args.model, device=args.device)
     record = json.loads((folder.parent / demo.BUILD_RECORD).read_text())
@@ -1299,7 +1315,7 @@ def _demo_measure(args) -> None:
     if args.samples < 3:
         raise MemcoreError(f"must be at least 3 (the attack's smallest clique), got {args.samples}", param="samples")
     out = check_output_dir(args.out, "out")
-    pipe = load_pipeline(args.model, args.device, "float32")
+    pipe = load_pipeline(str(demo.model_folder(args.model, args.built)), args.device, "float32")
     report = measure(pipe, demo.SPECS[args.model], samples=args.samples, steps=args.steps, guidance=args.guidance)
     partial = partial_path(out)
     shutil.rmtree(partial, ignore_errors=True)
@@ -1314,6 +1330,49 @@ def _demo_measure(args) -> None:
         f"{s['private_copied']}/{s['prompts_each']}; generic flagged {s['generic_flagged']}/{s['prompts_each']}; "
         f"held-out captions all labels right {public['consistency_held_out']['all']:.2f}"
     ))
+
+
+def _demo_run(args) -> None:
+    import shutil
+
+    from memcore import demo
+    from memcore.demo_run import ExperimentConfig, draw_figure, public, run_experiment, table
+    from memcore.io import check_output_dir
+    from memcore.models import load_pipeline
+    from memcore.runs import partial_path, write_atomic
+
+    if args.out is None:
+        raise MemcoreError("is required: the folder for report.json, table.md and copies.png", param="out")
+    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
+    try:
+        sparsities = tuple(float(s) for s in args.sparsities.split(",") if s.strip())
+    except ValueError:
+        raise MemcoreError(f"must be numbers separated by commas, got {args.sparsities!r}", param="sparsities") from None
+    config = ExperimentConfig(families=families, sparsities=sparsities, samples=args.samples, steps=args.steps,
+                              guidance=args.guidance, consistency=args.consistency)
+    out = check_output_dir(args.out, "out")
+    pipe = load_pipeline(str(demo.model_folder(args.model, args.built)), args.device, "float32")
+    report = run_experiment(pipe, demo.SPECS[args.model], config)
+    partial = partial_path(out)
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "masks").mkdir(parents=True)
+    draw_figure(report, partial / "copies.png")
+    for (family, sparsity), mask in report["_masks"].items():
+        mask.save(partial / "masks" / f"{family}-s{sparsity:g}.safetensors")
+    (partial / "table.md").write_text(table(report), encoding="utf-8")
+    summary = {"model": args.model, **public(report)}
+    write_atomic(partial / "report.json", lambda p: p.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8"))
+    partial.rename(out)
+    before = report["before"]
+    n = len(report["private_captions"])
+    lines = [f"wrote {out} in {report['seconds']:.0f} s: detection AUC {report['detect']['auc']:.2f}; before pruning "
+             f"{before['private_flagged']}/{n} private captions flagged, {before['private_copied']}/{n} copied"]
+    for row in report["after"]:
+        if row["mask"] == "private" and "skipped" not in row:
+            lines.append(f"  {row['family']} s={row['sparsity']:g} ({100 * row['density']:.2f}% pruned): "
+                         f"{row['private_flagged']}/{n} flagged, {row['private_copied']}/{n} copied, consistency "
+                         f"{row['consistency_mean']:.3f} (before {before['consistency_mean']:.3f})")
+    _emit(args, summary, "\n".join(lines))
 
 
 COMMANDS = {

@@ -89,13 +89,9 @@ class MemorizerSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-SPECS = {
-    "tiny-memorizer": MemorizerSpec("tiny-memorizer"),
-    "tiny-memorizer-small": MemorizerSpec(
-        "tiny-memorizer-small", generic=300, photos=4, times=30, held_out=50, unet_channels=(16, 32, 64),
-        vae_steps=300, steps=600, batch_size=16, save_every=200,
-    ),
-}
+SPECS = {"tiny-memorizer": MemorizerSpec("tiny-memorizer")}
+SHIPPED = "tiny-memorizer"  # memcore/data/tiny-memorizer: the build of SPECS["tiny-memorizer"], in float16
+SHIPPED_RECORD = "memcore_demo.json"
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -315,17 +311,58 @@ def build_folder(spec: MemorizerSpec) -> Path:
     return cache_root() / f"{spec.name}-{spec.digest()}"
 
 
-def model_folder(name: str) -> Path:
-    """The built model of ``name``, or a one-line error saying how to build it."""
+def shipped_folder() -> Path:
+    """Where memcore keeps the shipped memorizer (a diffusers folder, weights in float16)."""
+    return Path(str(resources.files("memcore").joinpath("data", SHIPPED)))
+
+
+def model_folder(name: str, built: bool = False) -> Path:
+    """The diffusers folder of memorizer ``name``: the weights shipped with memcore, or with
+    ``built`` this machine's own build (``memcore demo build``); else a one-line error."""
     spec = SPECS[name]
+    if not built:
+        folder = shipped_folder()
+        record = json.loads((folder / SHIPPED_RECORD).read_text())
+        if record["digest"] != spec.digest():
+            raise MemcoreError(
+                f"the weights shipped with this memcore were built from another spec (digest {record['digest']}, "
+                f"this spec {spec.digest()}); run 'memcore demo build' and pass --built",
+                param="model", value=name,
+            )
+        return folder
     folder = build_folder(spec) / "model"
     if not (folder / "model_index.json").is_file():
         raise MemcoreError(
             f"not built on this machine yet; run 'memcore demo build --model {name}' "
-            f"({'about 30 minutes' if name == 'tiny-memorizer' else 'a few minutes'} on a CPU; cached in {cache_root()})",
+            f"(about 30 minutes on a CPU; cached in {cache_root()})",
             param="model", value=name,
         )
     return folder
+
+
+def export_shipped(spec: MemorizerSpec, out: Path) -> Path:
+    """Write the build of ``spec`` as memcore ships it: every weight rounded to float16 (half the
+    size), configurations without this machine's paths, and the build record with the spec's digest
+    (``SHIPPED_RECORD``). ``tools/ship_memorizer.py`` runs it."""
+    from memcore.models import load_pipeline
+
+    root = build_folder(spec)
+    pipe = load_pipeline(str(root / "model"), "cpu", "float32")
+    pipe.register_to_config(_name_or_path=f"memcore/{spec.name}")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.to(torch.float16).save_pretrained(partial, safe_serialization=True)
+    for config in partial.rglob("*.json"):
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            data["_name_or_path"] = f"memcore/{spec.name}"
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    record = json.loads((root / BUILD_RECORD).read_text())
+    record.update(digest=spec.digest(), shipped_dtype="float16")
+    (partial / SHIPPED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out
 
 
 def build(spec: MemorizerSpec | str, progress: bool = True, device: str | None = None) -> Path:

@@ -88,23 +88,27 @@ def train_classifier(pixels: int, count: int = 4000, steps: int = 600, seed: int
 
 
 def cached_classifier(pixels: int) -> tuple[SceneClassifier, dict]:
-    """:func:`train_classifier` at ``pixels``, trained once per machine and kept beside the demo
-    builds (``MEMCORE_CACHE``): the weights in safetensors, its record in JSON."""
+    """:func:`train_classifier` at ``pixels``: the one shipped with memcore (32 px, in float16, beside
+    the shipped memorizer), else trained once per machine and kept beside the demo builds
+    (``MEMCORE_CACHE``): the weights in safetensors, its record in JSON."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    from memcore.demo import cache_root
+    from memcore.demo import cache_root, shipped_folder
     from memcore.runs import write_atomic
     from memcore.scenes import VERSION
 
-    base = cache_root() / f"scene-classifier-{pixels}px-v{VERSION}"
+    name = f"scene-classifier-{pixels}px-v{VERSION}"
+    for base in (shipped_folder() / name, cache_root() / name):
+        weights, record_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
+        if weights.is_file() and record_path.is_file():
+            model = SceneClassifier()
+            model(torch.zeros(1, 3, pixels, pixels))
+            model.load_state_dict({k: v.float() for k, v in load_file(weights).items()})
+            return model.eval(), json.loads(record_path.read_text())
+    base = cache_root() / name
     weights, record_path = base.with_suffix(".safetensors"), base.with_suffix(".json")
-    if weights.is_file() and record_path.is_file():
-        model = SceneClassifier()
-        model(torch.zeros(1, 3, pixels, pixels))
-        model.load_state_dict(load_file(weights))
-        return model.eval(), json.loads(record_path.read_text())
     model, record = train_classifier(pixels)
     base.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(weights, lambda p: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, p))

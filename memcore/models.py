@@ -26,7 +26,7 @@ import torch
 from memcore.errors import MemcoreError, Param
 from memcore.tiny import FAMILIES
 
-DEMO_MODELS = ("tiny-memorizer", "tiny-memorizer-small")  # memcore.demo builds them
+DEMO_MODELS = ("tiny-memorizer",)  # memcore.demo: shipped with memcore, rebuilt by `memcore demo build`
 
 logger = logging.getLogger("memcore")
 

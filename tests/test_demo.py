@@ -36,7 +36,7 @@ def test_private_photos_are_free_to_ship_and_credited():
 
 
 def test_training_data_and_held_out_captions(tmp_path):
-    spec = demo.with_overrides("tiny-memorizer-small", **MICRO)
+    spec = demo.with_overrides("tiny-memorizer", **MICRO)
     folder = demo.write_training_data(spec, tmp_path / "data")
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
     blank = round(spec.blank * spec.generic)
@@ -62,11 +62,10 @@ def test_training_data_and_held_out_captions(tmp_path):
 def test_a_build_is_cached_and_loads_in_every_command(cache, capsys):
     from memcore.models import load_pipeline
 
-    message = user_error(capsys, cache.parent, "localize", "--model", "tiny-memorizer", "--prompts", "memorize_0",
-                         "--out", cache.parent / "m.safetensors")
+    message = user_error(capsys, cache.parent, "demo", "measure", "--built", "--out", cache.parent / "m")
     assert "not built on this machine yet; run 'memcore demo build --model tiny-memorizer'" in message
 
-    spec = demo.with_overrides("tiny-memorizer-small", **MICRO)
+    spec = demo.with_overrides("tiny-memorizer", **MICRO)
     folder = demo.build(spec, progress=False, device="cpu")
     assert folder == demo.build_folder(spec) / "model" and folder.parent.parent == cache / "demo"
     record = json.loads((folder.parent / demo.BUILD_RECORD).read_text())
@@ -77,7 +76,7 @@ def test_a_build_is_cached_and_loads_in_every_command(cache, capsys):
     image = pipe("a small red circle", num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (spec.pixels, spec.pixels, 3)
     assert demo.build(spec, progress=False) == folder  # cached: nothing retrained
-    assert demo.with_overrides("tiny-memorizer-small", **{**MICRO, "steps": 3}).digest() != spec.digest()
+    assert demo.with_overrides("tiny-memorizer", **{**MICRO, "steps": 3}).digest() != spec.digest()
 
 
 def test_correlation_is_pearsons():
@@ -122,14 +121,51 @@ def test_label_accuracy_counts_each_label_and_all_together():
 
 
 def test_model_folder_names_the_build_command(cache):
-    with pytest.raises(MemcoreError, match="memcore demo build --model tiny-memorizer-small"):
-        demo.model_folder("tiny-memorizer-small")
+    with pytest.raises(MemcoreError, match="memcore demo build --model tiny-memorizer"):
+        demo.model_folder("tiny-memorizer", built=True)
+
+
+def test_the_shipped_memorizer_is_the_build_of_the_spec_in_float16():
+    """memcore/data/tiny-memorizer is what export_shipped writes for SPECS["tiny-memorizer"] (with the
+    scene classifier of demo_measure beside it): its record names the spec's digest (a changed spec,
+    photo or scene generator needs a new build), and it stays within the repository's budget for
+    weights, 10 MB."""
+    from safetensors import safe_open
+
+    folder = demo.model_folder("tiny-memorizer")
+    record = json.loads((folder / demo.SHIPPED_RECORD).read_text())
+    spec = demo.SPECS["tiny-memorizer"]
+    assert record["digest"] == spec.digest() and record["spec"]["steps"] == spec.steps
+    assert record["denoiser"]["steps"] == spec.steps and record["shipped_dtype"] == "float16"
+    weights = sorted(folder.rglob("*.safetensors"))
+    assert [str(w.relative_to(folder)) for w in weights] == [
+        "scene-classifier-32px-v2.safetensors", "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+    assert sum(w.stat().st_size for w in weights) <= 10_000_000
+    for path in weights:
+        with safe_open(path, "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, path
+    for config in folder.rglob("*.json"):
+        assert "/root" not in config.read_text() and "cache" not in config.read_text(), config
+
+
+def test_export_shipped_rounds_the_build_to_float16(cache, tmp_path):
+    from memcore.models import load_pipeline
+
+    spec = demo.with_overrides("tiny-memorizer", **MICRO)
+    built = demo.build(spec, progress=False, device="cpu")
+    out = demo.export_shipped(spec, tmp_path / "shipped")
+    record = json.loads((out / demo.SHIPPED_RECORD).read_text())
+    assert record["digest"] == spec.digest() and record["denoiser"]["steps"] == MICRO["steps"]
+    a, b = load_pipeline(str(built), "cpu", "float32"), load_pipeline(str(out), "cpu", "float32")
+    for name in ("unet", "vae", "text_encoder"):
+        for (key, x), (_, y) in zip(getattr(a, name).state_dict().items(), getattr(b, name).state_dict().items()):
+            assert torch.equal(x.half().float(), y), (name, key)
 
 
 def test_demo_command_mistakes_are_one_line(cache, capsys):
-    assert "is required" in user_error(capsys, cache.parent, "demo", "measure", "--model", "tiny-memorizer-small")
+    assert "is required" in user_error(capsys, cache.parent, "demo", "measure")
     assert "is for 'memcore demo measure'" in user_error(capsys, cache.parent, "demo", "build", "--out", cache.parent / "x")
+    assert user_error(capsys, cache.parent, "demo", "build", "--built").startswith("--built: is for")
     message = user_error(capsys, cache.parent, "demo", "measure", "--out", cache.parent / "m", "--samples", "2")
     assert message.startswith("--samples: must be at least 3")
-    message = user_error(capsys, cache.parent, "demo", "measure", "--model", "tiny-memorizer-small", "--out", cache.parent / "m")
-    assert "not built on this machine yet" in message
