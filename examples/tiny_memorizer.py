@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, type=Path, help="new folder for report.json, table.md, copies.png")
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated target families")
-    parser.add_argument("--sparsities", default="0.01,0.03,0.1", help="comma-separated sparsities")
+    parser.add_argument("--sparsities", default="0.01,0.1,0.4", help="comma-separated sparsities")
     parser.add_argument("--samples", type=int, default=8, help="samples per private caption")
     args = parser.parse_args()
     if args.out.exists():

@@ -422,8 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=1.0, help="measure, run: guidance scale (default 1: none)")
     p.add_argument("--families", default=",".join(DEMO_FAMILIES),
                    help=f"run: target families to localize and prune, comma-separated (default {','.join(DEMO_FAMILIES)})")
-    p.add_argument("--sparsities", default="0.01,0.03,0.1",
-                   help="run: sparsities s of the masks, comma-separated (default 0.01,0.03,0.1)")
+    p.add_argument("--sparsities", default="0.01,0.1,0.4",
+                   help="run: sparsities s of the masks, comma-separated (default 0.01,0.1,0.4)")
     p.add_argument("--consistency", type=int, default=100,
                    help="run: held-out captions generated for caption consistency (default 100)")
     p.add_argument("--device", help="torch device (default: cuda if available, else cpu)")

@@ -62,7 +62,7 @@ class ExperimentConfig:
     """
 
     families: tuple[str, ...] = FAMILIES
-    sparsities: tuple[float, ...] = (0.01, 0.03, 0.1)
+    sparsities: tuple[float, ...] = (0.01, 0.1, 0.4)
     samples: int = 8
     steps: int = 20
     guidance: float = 1.0
