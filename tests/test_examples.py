@@ -46,3 +46,48 @@ def test_subset_experiment_defaults_are_built_in_sets():
     controls = example.control_subsets(subsets, example.DEFAULT_CONTROL)
     assert len(controls) == 10 and all(len(p) == 10 for p in controls.values())
     assert not {p for ps in controls.values() for p in ps} & {p for ps in subsets.values() for p in ps}
+
+
+def _example(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wanda_example_prunes_every_linear_of_a_llama_in_order():
+    import torch
+
+    from memcore.ops import prune_mask
+
+    wanda = _example("wanda_prune")
+    model, tokens = wanda.tiny_llama()
+    first = wanda.decoder_layers(model)[0].self_attn.q_proj
+    # the first layer sees the unpruned model's inputs: its mask is prune_mask of those inputs' squares
+    seen = []
+    handle = first.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(tokens)
+    handle.remove()
+    expected = prune_mask(first.weight, (seen[0].double() ** 2).sum(0).float(), 0.5, squared=True)
+    fractions = wanda.wanda(model, tokens, 0.5)
+    assert len(fractions) == 14 and set(fractions.values()) == {0.5}
+    assert torch.equal(first.weight == 0, expected)
+    for layer in wanda.decoder_layers(model):
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                assert ((module.weight == 0).sum(1) == module.in_features // 2).all()
+
+    model, tokens = wanda.tiny_llama()
+    wanda.wanda(model, tokens, n=2, m=4)
+    mlp = wanda.decoder_layers(model)[1].mlp.down_proj
+    assert ((mlp.weight == 0).reshape(mlp.out_features, -1, 4).sum(-1) == 2).all()
+
+
+def test_wanda_example_runs_from_the_command_line():
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "wanda_prune.py"), "--nm", "2:4"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pruned 14 Linear layers, 0.500-0.500 of each (2:4)" in done.stdout

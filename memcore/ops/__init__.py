@@ -6,6 +6,7 @@ Each op has a pure-PyTorch reference (the definition of correct) and native back
 
 from memcore.ops._backend import BACKENDS, forced_backend, use_backend
 from memcore.ops.geglu_accumulate import geglu_accumulate, geglu_accumulate_backend, geglu_accumulate_reference
+from memcore.ops.prune_mask import prune_mask
 from memcore.ops.sqnorm_accumulate import sqnorm_accumulate, sqnorm_accumulate_reference
 from memcore.ops.wanda_mask import pack_mask, unpack_mask, wanda_mask, wanda_mask_reference
 
@@ -16,6 +17,7 @@ __all__ = [
     "geglu_accumulate_backend",
     "geglu_accumulate_reference",
     "pack_mask",
+    "prune_mask",
     "sqnorm_accumulate",
     "sqnorm_accumulate_reference",
     "unpack_mask",
