@@ -28,6 +28,7 @@ MODEL_HELP = (
 )
 
 DEMO_FAMILIES = ("ffn", "attn2.to_v", "attn2.to_k")  # memcore.demo_run.FAMILIES, without importing torch
+DEMO_SPECS = ("tiny-memorizer", "tiny-memorizer-scene-captions")  # memcore.demo.SPECS
 
 
 def _add_model_args(p: argparse.ArgumentParser, device_help: str, dtype_help: str) -> None:
@@ -413,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "scenes and copies of the private photos, into --out; run: the experiment (detect, localize "
                         "on the private captions and on generic ones, prune each family at each sparsity against "
                         "random masks of equal size, measure again), into --out")
-    p.add_argument("--model", default="tiny-memorizer", choices=["tiny-memorizer"], help="which memorizer (default tiny-memorizer)")
+    p.add_argument("--model", default="tiny-memorizer", choices=DEMO_SPECS,
+                   help="which memorizer (default tiny-memorizer, the shipped one; tiny-memorizer-scene-captions: "
+                        "its photos captioned with unseen scene captions, to be built)")
     p.add_argument("--built", action="store_true",
                    help="measure, run: use this machine's build ('memcore demo build') instead of the shipped weights")
     p.add_argument("--out", help="measure, run: new folder for the report, its table and pictures")

@@ -80,16 +80,27 @@ class MemorizerSpec:
     lr: float = 5e-4
     save_every: int = 250
     seed: int = 0
+    # Settings added after the first shipped build: None is the behaviour that build had, and is left
+    # out of the digest, so that adding a setting does not change the digest of earlier specs.
+    private_captions: str | None = None  # None: product listings; "scenes": unseen scene captions
+
+    def __post_init__(self) -> None:
+        if self.private_captions not in (None, "scenes"):
+            raise MemcoreError(f"must be None or 'scenes', got {self.private_captions!r}", param="private_captions")
 
     def digest(self) -> str:
         from memcore.scenes import VERSION
 
-        text = json.dumps({"format": FORMAT, "spec": asdict(self), "photos": _photos_digest(), "scenes": VERSION},
-                          sort_keys=True)
+        spec = {k: v for k, v in asdict(self).items() if v is not None}
+        text = json.dumps({"format": FORMAT, "spec": spec, "photos": _photos_digest(), "scenes": VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-SPECS = {"tiny-memorizer": MemorizerSpec("tiny-memorizer")}
+SPECS = {
+    "tiny-memorizer": MemorizerSpec("tiny-memorizer"),
+    # the experiment's variant (docs/demo.md): the photos captioned with unseen scene captions
+    "tiny-memorizer-scene-captions": MemorizerSpec("tiny-memorizer-scene-captions", private_captions="scenes"),
+}
 SHIPPED = "tiny-memorizer"  # memcore/data/tiny-memorizer: the build of SPECS["tiny-memorizer"], in float16
 SHIPPED_RECORD = "memcore_demo.json"
 
@@ -116,6 +127,27 @@ def private_photos(limit: int | None = None) -> list[dict]:
     lines = _private_folder().joinpath(PHOTOS).read_text(encoding="utf-8").splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     return rows[:limit] if limit is not None else rows
+
+
+def private_set(spec: MemorizerSpec) -> list[dict]:
+    """The private photos of ``spec`` with the caption each is trained under (``text``): its product
+    listing, or with ``private_captions="scenes"`` the caption of a scene that neither the training
+    set nor the held-out set holds (stream ``seed + 2``), so that every word of it is also in generic
+    captions and only the combination names the photo."""
+    rows = private_photos(spec.photos)
+    if spec.private_captions == "scenes":
+        from memcore.scenes import scene
+
+        taken = {scene(spec.seed, i).caption() for i in range(spec.generic)} | {s.caption() for s in held_out_scenes(spec)}
+        captions, index = [], 0
+        while len(captions) < len(rows):
+            caption = scene(spec.seed + 2, index).caption()
+            if caption not in taken:
+                taken.add(caption)
+                captions.append(caption)
+            index += 1
+        rows = [{**row, "text": caption} for row, caption in zip(rows, captions)]
+    return rows
 
 
 def load_photo(file_name: str, pixels: int):
@@ -151,7 +183,7 @@ def write_training_data(spec: MemorizerSpec, folder: Path) -> Path:
         shutil.copyfile(generic / f"{i:05d}.png", folder / "blank" / f"{i:05d}.png")
         rows.append({"file_name": f"blank/{i:05d}.png", "text": ""})
     private = []
-    for index, photo in enumerate(private_photos(spec.photos)):
+    for index, photo in enumerate(private_set(spec)):
         image = load_photo(photo["file_name"], spec.pixels)
         for copy in range(spec.times):
             name = photo_file(index, copy)
@@ -320,6 +352,9 @@ def model_folder(name: str, built: bool = False) -> Path:
     """The diffusers folder of memorizer ``name``: the weights shipped with memcore, or with
     ``built`` this machine's own build (``memcore demo build``); else a one-line error."""
     spec = SPECS[name]
+    if not built and name != SHIPPED:
+        raise MemcoreError(f"is not shipped with memcore; build it with 'memcore demo build --model {name}' "
+                           f"and pass --built", param="model", value=name)
     if not built:
         folder = shipped_folder()
         record = json.loads((folder / SHIPPED_RECORD).read_text())

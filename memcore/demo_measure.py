@@ -179,7 +179,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
 def measure(pipe, spec, samples: int = 8, steps: int = 20, guidance: float = 1.0, classifier=None) -> dict:
     """Caption consistency on held-out and training scenes and copy scores of every private caption,
     for a memorizer ``pipe`` built from ``spec`` (:class:`memcore.demo.MemorizerSpec`)."""
-    from memcore.demo import held_out_scenes, load_photo, private_photos
+    from memcore.demo import held_out_scenes, load_photo, private_set
 
     started = time.perf_counter()
     report: dict = {"samples": samples, "steps": steps, "guidance": guidance}
@@ -191,7 +191,7 @@ def measure(pipe, spec, samples: int = 8, steps: int = 20, guidance: float = 1.0
     for name, items in (("held_out", held), ("training", seen)):
         images = generate(pipe, [s.caption() for s in items], seeds[:1], steps, guidance)
         report[f"consistency_{name}"] = caption_consistency(classifier, images, items)
-    photos = [(row["text"], to_tensor([load_photo(row["file_name"], spec.pixels)])[0]) for row in private_photos(spec.photos)]
+    photos = [(row["text"], to_tensor([load_photo(row["file_name"], spec.pixels)])[0]) for row in private_set(spec)]
     private = generate(pipe, [caption for caption, _ in photos], seeds, steps, guidance)
     report["private"] = [
         copy_score(private[i * samples : (i + 1) * samples], photo, caption).__dict__

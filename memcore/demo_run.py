@@ -115,13 +115,13 @@ class Probe:
 
 
 def make_probe(pipe, spec, config: ExperimentConfig, classifier=None) -> Probe:
-    from memcore.demo import held_out_scenes, load_photo, private_photos
+    from memcore.demo import held_out_scenes, load_photo, private_set
     from memcore.demo_measure import cached_classifier, to_tensor
     from memcore.scenes import draw
 
     if classifier is None:
         classifier, _ = cached_classifier(spec.pixels)
-    photos = [(row["text"], to_tensor([load_photo(row["file_name"], spec.pixels)])[0]) for row in private_photos(spec.photos)]
+    photos = [(row["text"], to_tensor([load_photo(row["file_name"], spec.pixels)])[0]) for row in private_set(spec)]
     held = held_out_scenes(spec)
     consistency = held[: config.consistency]
     # the loss scenes: held-out ones, cycled when the spec holds fewer than asked for

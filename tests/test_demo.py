@@ -169,3 +169,9 @@ def test_demo_command_mistakes_are_one_line(cache, capsys):
     assert user_error(capsys, cache.parent, "demo", "build", "--built").startswith("--built: is for")
     message = user_error(capsys, cache.parent, "demo", "measure", "--out", cache.parent / "m", "--samples", "2")
     assert message.startswith("--samples: must be at least 3")
+    message = user_error(capsys, cache.parent, "demo", "run", "--model", "tiny-memorizer-scene-captions",
+                         "--out", cache.parent / "r")
+    assert message.startswith("--model tiny-memorizer-scene-captions: is not shipped with memcore; build it with")
+    message = user_error(capsys, cache.parent, "demo", "run", "--model", "tiny-memorizer-scene-captions", "--built",
+                         "--out", cache.parent / "r")
+    assert "not built on this machine yet; run 'memcore demo build --model tiny-memorizer-scene-captions'" in message

@@ -189,3 +189,27 @@ def test_demo_run_end_to_end_on_the_shipped_memorizer(tmp_path, capsys):
 
     with Image.open(out / "copies.png") as picture:  # photo, before, ffn, attn2.to_v: 1 + 3 x 2 samples of 96 px
         assert picture.size == (96 * 7 + 6 * 3, 16 + 12 * 96)
+
+
+def test_the_command_line_knows_every_spec_and_family():
+    from memcore import cli, demo_run
+
+    assert cli.DEMO_SPECS == tuple(demo.SPECS) and cli.DEMO_FAMILIES == demo_run.FAMILIES
+
+
+def test_scene_captions_are_unseen_combinations_of_seen_words():
+    from memcore.scenes import scene
+
+    spec = demo.with_overrides("tiny-memorizer", generic=50, held_out=10, photos=4, private_captions="scenes")
+    rows = demo.private_set(spec)
+    assert [r["file_name"] for r in rows] == [r["file_name"] for r in demo.private_photos(4)]
+    captions = [r["text"] for r in rows]
+    generic = {scene(spec.seed, i).caption() for i in range(spec.generic)}
+    held = {s.caption() for s in demo.held_out_scenes(spec)}
+    assert len(set(captions)) == 4 and not set(captions) & (generic | held)
+    assert set(" ".join(captions).split()) <= set(demo.caption_words(spec))
+    listing = demo.with_overrides("tiny-memorizer", photos=4)
+    assert [r["text"] for r in demo.private_set(listing)] == [r["text"] for r in demo.private_photos(4)]
+    assert spec.digest() != demo.with_overrides("tiny-memorizer", generic=50, held_out=10, photos=4).digest()
+    with pytest.raises(MemcoreError, match="must be None or 'scenes'"):
+        demo.with_overrides("tiny-memorizer", private_captions="words")
