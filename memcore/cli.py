@@ -1130,7 +1130,10 @@ def cmd_env(args) -> None:
         },
         "forced_backend": forced_backend(),
         "known_backends": list(BACKENDS),
+        "ops_cpu": _ops_status("cpu"),
     }
+    if torch.cuda.is_available():
+        info["ops_cuda"] = _ops_status("cuda")
     for name in ("diffusers", "transformers", "safetensors"):
         try:
             info[name] = __import__(name).__version__
@@ -1142,10 +1145,19 @@ def cmd_env(args) -> None:
     for key, value in info.items():
         if isinstance(value, dict):
             print(f"{key}:")
+            width = max(map(len, value), default=0)
             for name, status in value.items():
-                print(f"  {name:10} {status}")
+                print(f"  {name:{width}} {status}")
         else:
             print(f"{key:16} {value}")
+
+
+def _ops_status(device: str) -> dict[str, str]:
+    """Per op, the backend chosen on ``device`` and the others available (memcore.ops' table)."""
+    from memcore.ops import backend_report
+
+    return {op: (f"{row['chosen']} (available: {', '.join(row['available'])})" if row["chosen"]
+                 else f"none: {row['error']}") for op, row in backend_report(device).items()}
 
 
 def _triton_status() -> str:

@@ -8,11 +8,11 @@ import torch
 
 from memcore.ops import prune_mask, use_backend
 from memcore.ops._ext import extension
-from memcore.ops.wanda_mask import _available
+from memcore.ops import available_backends
 
 needs_ext = pytest.mark.skipif(extension() is None, reason="memcore._C is not built; the cpu backend is absent")
 needs_triton = pytest.mark.skipif(
-    "triton" not in _available(torch.device("cpu")), reason="Triton's interpreter is not usable here (TRITON_INTERPRET)"
+    "triton" not in available_backends("wanda_mask", "cpu"), reason="Triton's interpreter is not usable here (TRITON_INTERPRET)"
 )
 
 

@@ -14,7 +14,7 @@ import torch
 
 from memcore.ops import use_backend
 from memcore.ops._ext import extension
-from memcore.ops.wanda_mask import _available, pack_mask, unpack_mask, wanda_mask, wanda_mask_reference
+from memcore.ops.wanda_mask import pack_mask, unpack_mask, wanda_mask, wanda_mask_reference
 
 ODD_WIDTHS = (1, 7, 8, 9, 13, 33, 100, 130)
 
@@ -269,12 +269,13 @@ def assert_cpu_matches_reference(weight, norms, null, k, largest=True, row_step=
 
 
 @needs_ext
-def test_cpu_backend_is_available_and_preferred():
-    from memcore.ops import _backend
+def test_cpu_backend_is_available_and_preferred(monkeypatch):
+    from memcore.ops import available_backends, chosen_backend
 
-    assert "cpu" in _available(torch.device("cpu"))
-    name, _ = _backend.select("wanda_mask", torch.device("cpu"), _available(torch.device("cpu")))
-    assert name == "cpu" or _backend.forced_backend() is not None
+    monkeypatch.delenv("MEMCORE_BACKEND", raising=False)
+    assert "cpu" in available_backends("wanda_mask", "cpu")
+    with use_backend(None):
+        assert chosen_backend("wanda_mask", "cpu") == "cpu"
 
 
 @needs_ext

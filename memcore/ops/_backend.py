@@ -7,15 +7,18 @@ Backends, fastest first for each device type:
 - ``cpu``: C++/OpenMP kernels from the compiled extension (CPU tensors);
 - ``reference``: pure PyTorch, any device, the definition of correct.
 
-Each op module lists the implementations it has; :func:`select` picks the first one available for
-the tensors' device, unless a backend is forced with ``MEMCORE_BACKEND=<name>`` or
+Each op registers its implementations once (:func:`register`); :func:`dispatch` picks the first one
+available for the tensors' device, unless a backend is forced with ``MEMCORE_BACKEND=<name>`` or
 ``with memcore.ops.use_backend("<name>"):`` (the context manager wins over the variable).
+:func:`available_backends`, :func:`chosen_backend` and :func:`report` answer from the same table, for
+``memcore env``, the capture, the tests and the benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -105,3 +108,75 @@ def select(op: str, device: torch.device, available: Mapping[str, Impl]) -> tupl
         if name in available:
             return name, available[name]
     return "reference", available["reference"]
+
+
+# --- the backend table ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    reference: Impl
+    triton: Impl | None
+    native: Impl | None  # the compiled extension's kernels: ``cpu`` on CPU tensors, ``cuda`` on CUDA ones
+
+
+_TABLE: dict[str, _Entry] = {}
+
+
+def register(op: str, *, reference: Impl, triton: Impl | None = None, native: Impl | None = None) -> None:
+    """Declare the implementations of ``op`` (once, where the op is defined)."""
+    _TABLE[op] = _Entry(reference, triton, native)
+
+
+def _entry(op: str) -> _Entry:
+    if op not in _TABLE:
+        raise ValueError(f"unknown memcore op {op!r}; registered: {', '.join(sorted(_TABLE))}")
+    return _TABLE[op]
+
+
+def implementations(op: str, device: torch.device) -> dict[str, Impl]:
+    """The implementations of ``op`` that loaded and can run on ``device``, by backend name."""
+    from memcore.ops._ext import native_backend
+
+    entry = _entry(op)
+    impls: dict[str, Impl] = {"reference": entry.reference}
+    if entry.triton is not None and triton_usable(device):
+        impls["triton"] = entry.triton
+    native = native_backend(op, device) if entry.native is not None else None
+    if native is not None:
+        impls[native] = entry.native
+    return impls
+
+
+def dispatch(op: str, device: torch.device) -> tuple[str, Impl]:
+    """The backend and implementation ``op`` runs for tensors on ``device`` (see :func:`select`)."""
+    return select(op, device, implementations(op, device))
+
+
+def available_backends(op: str, device: torch.device | str) -> list[str]:
+    """The backends that can run ``op`` on ``device`` here, in the order of :data:`BACKENDS`."""
+    names = implementations(op, torch.device(device))
+    return [name for name in BACKENDS if name in names]
+
+
+def chosen_backend(op: str, device: torch.device | str) -> str:
+    """The backend ``op`` runs on for tensors on ``device``, forcing included."""
+    return dispatch(op, torch.device(device))[0]
+
+
+def registered_ops() -> list[str]:
+    return sorted(_TABLE)
+
+
+def report(device: torch.device | str) -> dict[str, dict]:
+    """For every registered op: the backends available on ``device`` and the one chosen (or the
+    reason none can be, when a forced backend cannot run it)."""
+    out = {}
+    for op in registered_ops():
+        row: dict = {"available": available_backends(op, device)}
+        try:
+            row["chosen"] = chosen_backend(op, device)
+        except MemcoreError as exc:
+            row["chosen"], row["error"] = None, str(exc)
+        out[op] = row
+    return out

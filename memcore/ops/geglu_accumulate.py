@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from memcore.ops import _backend
-from memcore.ops._ext import launch, native_backend
+from memcore.ops._ext import launch
 from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES, _rows_2d, check_accumulator, sqnorm_accumulate_reference
 
 OP_NAME = "memcore::geglu_accumulate"
@@ -60,19 +60,12 @@ def _triton(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, to
     return geglu_accumulate_triton(_rows_2d(p), acc, row_start, row_end, token_norm)
 
 
-def _available(device: torch.device) -> dict[str, _backend.Impl]:
-    impls: dict[str, _backend.Impl] = {"reference": geglu_accumulate_reference}
-    if _backend.triton_usable(device):
-        impls["triton"] = _triton
-    native = native_backend("geglu_accumulate", device)
-    if native is not None:
-        impls[native] = _native
-    return impls
+_backend.register("geglu_accumulate", reference=geglu_accumulate_reference, triton=_triton, native=_native)
 
 
 def geglu_accumulate_backend(device: torch.device) -> str:
     """The backend :func:`geglu_accumulate` runs on for tensors on ``device``, forcing included."""
-    return _backend.select("geglu_accumulate", device, _available(device))[0]
+    return _backend.chosen_backend("geglu_accumulate", device)
 
 
 def _validate(proj_out: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int | None) -> int:
@@ -120,7 +113,7 @@ def geglu_accumulate(
     shape = _out_shape(proj_out)
     if proj_out.numel() == 0:
         return proj_out.new_empty(shape)
-    _, impl = _backend.select("geglu_accumulate", proj_out.device, _available(proj_out.device))
+    _, impl = _backend.dispatch("geglu_accumulate", proj_out.device)
     return impl(proj_out, acc, row_start, end, token_norm).reshape(shape)
 
 

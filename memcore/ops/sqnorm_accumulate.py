@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from memcore.ops import _backend
-from memcore.ops._ext import launch, native_backend
+from memcore.ops._ext import launch
 
 OP_NAME = "memcore::sqnorm_accumulate"
 
@@ -69,14 +69,7 @@ def _triton(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, to
     sqnorm_accumulate_triton(_rows_2d(x), acc, row_start, row_end, token_norm)
 
 
-def _available(device: torch.device) -> dict[str, _backend.Impl]:
-    impls: dict[str, _backend.Impl] = {"reference": sqnorm_accumulate_reference}
-    if _backend.triton_usable(device):
-        impls["triton"] = _triton
-    native = native_backend("sqnorm_accumulate", device)
-    if native is not None:
-        impls[native] = _native
-    return impls
+_backend.register("sqnorm_accumulate", reference=sqnorm_accumulate_reference, triton=_triton, native=_native)
 
 
 def _validate(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int | None) -> int:
@@ -125,7 +118,7 @@ def sqnorm_accumulate(
     end = _validate(x, acc, row_start, row_end)
     if end == row_start:
         return
-    _, impl = _backend.select("sqnorm_accumulate", x.device, _available(x.device))
+    _, impl = _backend.dispatch("sqnorm_accumulate", x.device)
     impl(x, acc, row_start, end, token_norm)
 
 

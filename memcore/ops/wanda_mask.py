@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from memcore.ops import _backend
-from memcore.ops._ext import launch, native_backend
+from memcore.ops._ext import launch
 from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES
 
 OP_NAME = "memcore::wanda_mask"
@@ -151,14 +151,7 @@ def _reference(weight, norms, null_norms, k, largest):
     return wanda_mask_reference(weight, norms, null_norms, k, largest), nonfinite_flags(weight, norms, null_norms)
 
 
-def _available(device: torch.device) -> dict[str, _backend.Impl]:
-    impls: dict[str, _backend.Impl] = {"reference": _reference}
-    if _backend.triton_usable(device):
-        impls["triton"] = _triton
-    native = native_backend("wanda_mask", device)
-    if native is not None:
-        impls[native] = _native
-    return impls
+_backend.register("wanda_mask", reference=_reference, triton=_triton, native=_native)
 
 
 def _check_shapes(weight: torch.Tensor, norms: torch.Tensor, null_norms: torch.Tensor | None, k: int) -> None:
@@ -235,7 +228,7 @@ def wanda_mask(
         ``uint8[out, ceil(in / 8)]`` on weight's device; unpack with :func:`unpack_mask`.
     """
     _check_shapes(weight, norms, null_norms, k)
-    _, impl = _backend.select("wanda_mask", weight.device, _available(weight.device))
+    _, impl = _backend.dispatch("wanda_mask", weight.device)
     mask, flags = impl(weight, norms, null_norms, k, largest)
     _raise_nonfinite(flags)
     return mask

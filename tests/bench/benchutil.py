@@ -1,6 +1,6 @@
 """Shared pieces of the memcore benchmarks: device, providers, timing.
 
-A provider is a memcore backend name (``memcore.ops.BACKENDS``) that an op module's ``_available``
+A provider is a memcore backend name (``memcore.ops.BACKENDS``) that memcore.ops' backend table (``available_backends``)
 offers for the benchmark device; it is forced with :func:`memcore.ops.use_backend` inside the timed
 function, so the op's own validation and dispatch are part of what is measured. Providers are
 discovered at run time: a backend that is not built (or not for this device) is skipped, one that
@@ -48,8 +48,11 @@ MAX_ROUNDS = 100 if ON_CUDA else 20
 
 
 def runnable(module: ModuleType) -> list[str]:
-    """The providers of an op module that can run on :data:`DEVICE`, in :data:`PROVIDERS` order."""
-    available = module._available(DEVICE)
+    """The providers of an op module that can run on :data:`DEVICE`, in :data:`PROVIDERS` order
+    (memcore.ops' backend table answers)."""
+    from memcore.ops import available_backends
+
+    available = available_backends(module.__name__.rsplit(".", 1)[-1], DEVICE)
     return [name for name in PROVIDERS if name in available]
 
 

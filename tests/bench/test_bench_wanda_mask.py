@@ -25,7 +25,7 @@ import torch
 from benchutil import DEVICE, ON_CUDA, PROVIDERS, SMOKE, fastest, gbps, kernel_times, measure, median_ms, record, require
 
 wanda = pytest.importorskip("memcore.ops.wanda_mask")
-from memcore.ops import use_backend  # noqa: E402
+from memcore.ops import _backend, use_backend  # noqa: E402
 
 # docs/method.md section 1: the ff.net.2 weights [out, in] of SD 1.5 in forward-execution order
 # (down_blocks.0-2 two each, mid_block one, up_blocks.1-3 three each)
@@ -79,7 +79,7 @@ def test_wanda_mask(benchmark, weights, t, provider):
 
         kernels = run
     else:
-        impl = wanda._available(DEVICE)[provider]
+        impl = _backend.implementations("wanda_mask", DEVICE)[provider]
 
         def run() -> None:
             with use_backend(provider):
