@@ -63,7 +63,6 @@ def _finish(benchmark, name: str, median: float, **info) -> None:
 
 
 def test_generation(benchmark):
-    pytest.importorskip("diffusers")
     from memcore.models import load_pipeline
 
     benchmark.group = GROUP

@@ -34,8 +34,7 @@ import torch
 
 from benchutil import DEVICE, ON_CUDA, PROVIDERS, SMOKE, device_time, measure, record, require, runnable
 
-pytest.importorskip("diffusers")
-capture = pytest.importorskip("memcore.capture")
+import memcore.capture as capture
 from memcore.ops import geglu_accumulate_backend, use_backend  # noqa: E402
 from memcore.targets import find_targets  # noqa: E402
 

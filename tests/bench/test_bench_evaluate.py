@@ -50,7 +50,6 @@ import torch
 
 from benchutil import DEVICE, ON_CUDA, SMOKE, THREADS, bench_threads, record  # noqa: F401 (bench_threads: a fixture)
 
-pytest.importorskip("diffusers")
 from memcore.config import LocalizeConfig, resolve_generation  # noqa: E402
 from memcore.generate import Latents, generate_item, work_items  # noqa: E402
 from memcore.mitigation import WenSettings  # noqa: E402

@@ -28,7 +28,6 @@ import torch
 
 from benchutil import DEVICE, ON_CUDA, SMOKE, THREADS, bench_threads, measure, record  # noqa: F401 (bench_threads: a fixture)
 
-pytest.importorskip("diffusers")
 from memcore.finetune import FinetuneConfig, Trainer, read_image_folder, training_step  # noqa: E402
 from memcore.scenes import write_image_folder  # noqa: E402
 

@@ -28,7 +28,6 @@ import pytest
 
 from benchutil import SMOKE, record
 
-pytest.importorskip("diffusers")
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS, SEEDS, BATCH = "memorize_0", "0-7", 5

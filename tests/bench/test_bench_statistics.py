@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from benchutil import DEVICE, ON_CUDA, PROVIDERS, gbps, measure, record, require
 
-sq = pytest.importorskip("memcore.ops.sqnorm_accumulate")
-from memcore.ops import use_backend  # noqa: E402
+import memcore.ops.geglu_accumulate as gm
+import memcore.ops.sqnorm_accumulate as sq
+from memcore.ops import use_backend
 
 # (inner features of ff.net.2, tokens per image at 512 px): docs/method.md section 1's distinct shapes
 SHAPES = [(1280, 4096), (2560, 1024), (5120, 256), (5120, 64)]
@@ -94,7 +95,6 @@ def test_sqnorm_accumulate(benchmark, case, provider):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_geglu_accumulate(benchmark, case, provider):
-    gm = pytest.importorskip("memcore.ops.geglu_accumulate")
     require(gm, provider)
     benchmark.group = case["group"]
     p, acc = case["p"], _acc(case)

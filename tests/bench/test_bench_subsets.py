@@ -15,7 +15,6 @@ import torch
 
 from benchutil import measure, record
 
-pytest.importorskip("diffusers")
 from memcore.config import LocalizeConfig  # noqa: E402
 from memcore.localization import localize, localize_subsets  # noqa: E402
 from memcore.models import load_pipeline  # noqa: E402

@@ -24,8 +24,8 @@ import torch
 
 from benchutil import DEVICE, ON_CUDA, PROVIDERS, SMOKE, fastest, gbps, kernel_times, measure, median_ms, record, require
 
-wanda = pytest.importorskip("memcore.ops.wanda_mask")
-from memcore.ops import _backend, use_backend  # noqa: E402
+import memcore.ops.wanda_mask as wanda
+from memcore.ops import _backend, use_backend
 
 # docs/method.md section 1: the ff.net.2 weights [out, in] of SD 1.5 in forward-execution order
 # (down_blocks.0-2 two each, mid_block one, up_blocks.1-3 three each)
