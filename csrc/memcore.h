@@ -40,6 +40,22 @@ constexpr int32_t kBadWeight = 1, kBadNorms = 2, kBadNullNorms = 4;
 void wanda_mask_cpu(const void* w, Dtype dtype, int64_t out, int64_t in, const float* norms, const float* null,
                     int64_t T, int64_t k, bool largest, uint8_t* mask, int32_t* flags);
 
+// One layer of wanda_mask_grouped_cpu: the arguments of wanda_mask_cpu but T and largest.
+struct WandaLayer {
+  const void* w;
+  Dtype dtype;
+  int64_t out, in;
+  const float* norms;
+  const float* null;
+  int64_t k;
+  uint8_t* mask;
+  int32_t* flags;
+};
+
+// wanda_mask_cpu for many layers in one parallel region (the rows of all layers share the threads),
+// each mask and flag word as wanda_mask_cpu writes them; every layer is checked before any runs.
+void wanda_mask_grouped_cpu(const WandaLayer* layers, int64_t count, int64_t T, bool largest);
+
 // GEGLU with the statistic of its output (memcore/ops/geglu_accumulate.py). p: row-major contiguous
 // [rows, 2 * inner] in `dtype`, h = p[:, :inner], g = p[:, inner:]; out: [rows, inner] in `dtype`,
 // out = h * gelu(g) (exact erf gelu) computed in float32 (float64 for float64) and rounded once;

@@ -165,87 +165,131 @@ void select_columns(const float* a, const float* nm, int32_t flip, int64_t n, in
   for (int64_t i = 0; i < k; ++i) cols.push_back(compound_column(pool[static_cast<size_t>(i)]));
 }
 
+// One row r of one layer: converts |W[r, :]| into s.abs_w (checking it), then ORs the selection of
+// every t into row_mask (which it zeroes first). Returns kBadWeight when the row holds a value that
+// is not finite.
 template <typename T>
-void run(const T* w, int64_t out, int64_t in, const float* norms, const float* null, int64_t T_, int64_t k,
-         bool largest, uint8_t* mask, int32_t* flags) {
-  const int64_t nbytes = (in + 7) / 8;
-  const int32_t flip = largest ? 0 : -1;  // ~key reverses the order: the k smallest become the k largest
-  const bool parallel = out * in * (k > 0 ? T_ : 1) >= kParallelMin;  // k = 0: the flag check alone
-
-  int32_t bad = nonfinite_any(norms, T_ * in) ? kBadNorms : 0;
-  if (null != nullptr && nonfinite_any(null, T_ * in)) bad |= kBadNullNorms;
-  int32_t bad_weight = 0;
-
-#pragma omp parallel if (parallel) reduction(| : bad_weight)
-  {
-    Scratch s;
-    s.abs_w.resize(static_cast<size_t>(in));
-    s.keys.resize(static_cast<size_t>(in));
-    s.group_max.resize(static_cast<size_t>(in));
-    std::vector<int64_t> cols;
-    cols.reserve(static_cast<size_t>(k));
-    float* a = s.abs_w.data();
-
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t r = 0; r < out; ++r) {
-      uint8_t* row_mask = mask + r * nbytes;
-      std::memset(row_mask, 0, static_cast<size_t>(nbytes));
-      const T* row = w + r * in;
-      int32_t row_bad = 0;
+int32_t mask_row(const T* row, int64_t in, const float* norms, const float* null, int64_t T_, int64_t k,
+                 int32_t flip, Scratch& s, std::vector<int64_t>& cols, uint8_t* row_mask) {
+  std::memset(row_mask, 0, static_cast<size_t>((in + 7) / 8));
+  float* a = s.abs_w.data();
+  int32_t row_bad = 0;
+  for (int64_t j = 0; j < in; ++j) {
+    a[j] = std::fabs(load_float(row, j));  // clears the sign bit: |-0.0| = +0.0, as torch's abs
+    row_bad |= nonfinite(row, j, a[j]);
+  }
+  if (k == 0) return row_bad ? kBadWeight : 0;
+  for (int64_t t = 0; t < T_; ++t) {
+    const float* nm = norms + t * in;
+    const float* nn = null == nullptr ? nullptr : null + t * in;
+    if (k == in) {
       for (int64_t j = 0; j < in; ++j) {
-        a[j] = std::fabs(load_float(row, j));  // clears the sign bit: |-0.0| = +0.0, as torch's abs
-        row_bad |= nonfinite(row, j, a[j]);
+        if (nn == nullptr || a[j] * nm[j] > a[j] * nn[j]) row_mask[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
       }
-      bad_weight |= row_bad;
-      if (k == 0) continue;
-      for (int64_t t = 0; t < T_; ++t) {
-        const float* nm = norms + t * in;
-        const float* nn = null == nullptr ? nullptr : null + t * in;
-        if (k == in) {
-          for (int64_t j = 0; j < in; ++j) {
-            if (nn == nullptr || a[j] * nm[j] > a[j] * nn[j]) row_mask[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
-          }
-          continue;
-        }
-        select_columns(a, nm, flip, in, k, s, cols);
-        for (const int64_t j : cols) {
-          if (nn != nullptr && !(a[j] * nm[j] > a[j] * nn[j])) continue;
-          row_mask[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
-        }
-      }
+      continue;
+    }
+    select_columns(a, nm, flip, in, k, s, cols);
+    for (const int64_t j : cols) {
+      if (nn != nullptr && !(a[j] * nm[j] > a[j] * nn[j])) continue;
+      row_mask[j >> 3] |= static_cast<uint8_t>(1u << (j & 7));
     }
   }
-  if (bad_weight) bad |= kBadWeight;
-  *flags |= bad;
+  return row_bad ? kBadWeight : 0;
+}
+
+int32_t mask_row_any(const WandaLayer& l, int64_t r, int64_t T_, int32_t flip, Scratch& s, std::vector<int64_t>& cols) {
+  uint8_t* row_mask = l.mask + r * ((l.in + 7) / 8);
+  switch (l.dtype) {
+    case Dtype::Float32:
+      return mask_row(static_cast<const float*>(l.w) + r * l.in, l.in, l.norms, l.null, T_, l.k, flip, s, cols, row_mask);
+    case Dtype::Float64:
+      return mask_row(static_cast<const double*>(l.w) + r * l.in, l.in, l.norms, l.null, T_, l.k, flip, s, cols, row_mask);
+    case Dtype::Float16:
+      return mask_row(static_cast<const Half*>(l.w) + r * l.in, l.in, l.norms, l.null, T_, l.k, flip, s, cols, row_mask);
+    case Dtype::BFloat16:
+      return mask_row(static_cast<const BFloat16*>(l.w) + r * l.in, l.in, l.norms, l.null, T_, l.k, flip, s, cols,
+                      row_mask);
+  }
+  return 0;
+}
+
+void check_layer(const WandaLayer& l, int64_t T) {
+  if (l.out < 0 || l.in < 0 || T < 1) {
+    throw std::invalid_argument("wanda_mask_cpu: bad shape: out=" + std::to_string(l.out) + ", in=" +
+                                std::to_string(l.in) + ", T=" + std::to_string(T));
+  }
+  if (l.in > 0xffffffffLL) throw std::invalid_argument("wanda_mask_cpu: in_features above 2^32 - 1");
+  if (l.k < 0 || l.k > l.in) {
+    throw std::invalid_argument("wanda_mask_cpu: k=" + std::to_string(l.k) + " outside [0, " + std::to_string(l.in) +
+                                "]");
+  }
+  if (l.out > 0 && l.in > 0 && (l.w == nullptr || l.norms == nullptr || l.mask == nullptr || l.flags == nullptr)) {
+    throw std::invalid_argument("wanda_mask_cpu: null pointer");
+  }
+  switch (l.dtype) {
+    case Dtype::Float32:
+    case Dtype::Float64:
+    case Dtype::Float16:
+    case Dtype::BFloat16:
+      return;
+  }
+  throw std::invalid_argument("wanda_mask_cpu: bad dtype");
+}
+
+// Every row of every layer in one parallel region (dynamic schedule over the rows of all layers in
+// order), so that many small layers share the threads as one large one would.
+void run_layers(const WandaLayer* layers, int64_t count, int64_t T_, bool largest) {
+  const int32_t flip = largest ? 0 : -1;  // ~key reverses the order: the k smallest become the k largest
+  std::vector<int64_t> first_row(static_cast<size_t>(count) + 1, 0);
+  int64_t max_in = 0, work = 0;
+  std::vector<int32_t> bad(static_cast<size_t>(count), 0);
+  for (int64_t l = 0; l < count; ++l) {
+    const WandaLayer& layer = layers[l];
+    const bool empty = layer.out == 0 || layer.in == 0;
+    first_row[l + 1] = first_row[l] + (empty ? 0 : layer.out);
+    if (empty) continue;
+    max_in = std::max(max_in, layer.in);
+    work += layer.out * layer.in * (layer.k > 0 ? T_ : 1);  // k = 0: the flag check alone
+    if (nonfinite_any(layer.norms, T_ * layer.in)) bad[l] |= kBadNorms;
+    if (layer.null != nullptr && nonfinite_any(layer.null, T_ * layer.in)) bad[l] |= kBadNullNorms;
+  }
+  const int64_t rows = first_row[count];
+  const bool parallel = work >= kParallelMin;
+
+#pragma omp parallel if (parallel)
+  {
+    Scratch s;
+    s.abs_w.resize(static_cast<size_t>(max_in));
+    s.keys.resize(static_cast<size_t>(max_in));
+    s.group_max.resize(static_cast<size_t>(max_in));
+    std::vector<int64_t> cols;
+    std::vector<int32_t> my_bad(static_cast<size_t>(count), 0);
+
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t g = 0; g < rows; ++g) {
+      const int64_t l = std::upper_bound(first_row.begin(), first_row.end(), g) - first_row.begin() - 1;
+      my_bad[static_cast<size_t>(l)] |= mask_row_any(layers[l], g - first_row[l], T_, flip, s, cols);
+    }
+#pragma omp critical(memcore_wanda_flags)
+    for (int64_t l = 0; l < count; ++l) bad[static_cast<size_t>(l)] |= my_bad[static_cast<size_t>(l)];
+  }
+  for (int64_t l = 0; l < count; ++l) {
+    if (layers[l].out > 0 && layers[l].in > 0) *layers[l].flags |= bad[static_cast<size_t>(l)];
+  }
 }
 
 }  // namespace
 
 void wanda_mask_cpu(const void* w, Dtype dtype, int64_t out, int64_t in, const float* norms, const float* null,
                     int64_t T, int64_t k, bool largest, uint8_t* mask, int32_t* flags) {
-  if (out < 0 || in < 0 || T < 1) {
-    throw std::invalid_argument("wanda_mask_cpu: bad shape: out=" + std::to_string(out) + ", in=" +
-                                std::to_string(in) + ", T=" + std::to_string(T));
-  }
-  if (in > 0xffffffffLL) throw std::invalid_argument("wanda_mask_cpu: in_features above 2^32 - 1");
-  if (k < 0 || k > in) {
-    throw std::invalid_argument("wanda_mask_cpu: k=" + std::to_string(k) + " outside [0, " + std::to_string(in) + "]");
-  }
-  if (out == 0 || in == 0) return;
-  if (w == nullptr || norms == nullptr || mask == nullptr || flags == nullptr) {
-    throw std::invalid_argument("wanda_mask_cpu: null pointer");
-  }
-  switch (dtype) {
-    case Dtype::Float32:
-      return run(static_cast<const float*>(w), out, in, norms, null, T, k, largest, mask, flags);
-    case Dtype::Float64:
-      return run(static_cast<const double*>(w), out, in, norms, null, T, k, largest, mask, flags);
-    case Dtype::Float16:
-      return run(static_cast<const Half*>(w), out, in, norms, null, T, k, largest, mask, flags);
-    case Dtype::BFloat16:
-      return run(static_cast<const BFloat16*>(w), out, in, norms, null, T, k, largest, mask, flags);
-  }
-  throw std::invalid_argument("wanda_mask_cpu: bad dtype");
+  const WandaLayer layer{w, dtype, out, in, norms, null, k, mask, flags};
+  check_layer(layer, T);
+  run_layers(&layer, 1, T, largest);
+}
+
+void wanda_mask_grouped_cpu(const WandaLayer* layers, int64_t count, int64_t T, bool largest) {
+  for (int64_t l = 0; l < count; ++l) check_layer(layers[l], T);
+  run_layers(layers, count, T, largest);
 }
 
 }  // namespace memcore

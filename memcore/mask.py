@@ -23,7 +23,7 @@ from memcore._version import __version__
 from memcore.config import check_sparsity, check_timesteps
 from memcore.errors import MemcoreError, Param, Pass
 from memcore.io import atomic_file
-from memcore.ops import unpack_mask, wanda_mask
+from memcore.ops import unpack_mask, wanda_mask, wanda_mask_grouped
 from memcore.schema import MASK as FORMAT
 from memcore.schema import PER_STEP, check, dumps
 from memcore.stats import Statistics, _read_safetensors
@@ -157,22 +157,26 @@ def compute_mask(
     targets = find_recorded_targets(model, stats.metadata, "the statistics file")
     check_same_weights(targets, stats.metadata, "the statistics file", force, model=model)
 
-    layers, steps, report = {}, {}, []
+    layers, steps = {}, {}
+    report = [(target, top_k(sparsity, target.linear.in_features)) for target in targets]
     with torch.no_grad():
-        for target in targets:
-            weight = target.linear.weight
-            norms, null_norms = (n.to(weight.device) for n in stats.norms(target.name, tau))
-            k = top_k(sparsity, target.linear.in_features)
-            if per_step:
+        inputs = [(t.linear.weight, *(n.to(t.linear.weight.device) for n in stats.norms(t.name, tau))) for t in targets]
+        if per_step:
+            for (target, k), (weight, norms, null_norms) in zip(report, inputs):
                 # the union is the OR of the per-step masks, bitwise on the packed bytes: tau passes over W
                 step_masks = torch.stack(
                     [wanda_mask(weight, norms[t : t + 1], null_norms[t : t + 1], k) for t in range(tau)]
                 )
                 steps[target.name] = step_masks.cpu()
                 layers[target.name] = functools.reduce(torch.bitwise_or, steps[target.name].unbind(0))
-            else:
+        elif len({w.device for w, _, _ in inputs}) == 1:
+            # every layer in one call (one parallel region on the CPU)
+            masks = wanda_mask_grouped([w for w, _, _ in inputs], [n for _, n, _ in inputs],
+                                       [z for _, _, z in inputs], [k for _, k in report])
+            layers = {target.name: mask.cpu() for (target, _), mask in zip(report, masks)}
+        else:  # a model spread over devices
+            for (target, k), (weight, norms, null_norms) in zip(report, inputs):
                 layers[target.name] = wanda_mask(weight, norms, null_norms, k).cpu()
-            report.append((target, k))
 
     metadata = {
         key: value

@@ -5,8 +5,10 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "memcore.h"
 
@@ -34,6 +36,27 @@ void wanda_mask_cpu(std::uintptr_t w_ptr, const std::string& w_dtype, int64_t ou
   py::gil_scoped_release release;
   memcore::wanda_mask_cpu(ptr<const void>(w_ptr), dt, out, in, ptr<const float>(norms_ptr), ptr<const float>(null_ptr),
                           T, k, largest, ptr<uint8_t>(mask_ptr), ptr<int32_t>(flags_ptr));
+}
+
+void wanda_mask_grouped_cpu(const std::vector<std::uintptr_t>& w_ptrs, const std::vector<std::string>& w_dtypes,
+                            const std::vector<int64_t>& outs, const std::vector<int64_t>& ins,
+                            const std::vector<std::uintptr_t>& norms_ptrs, const std::vector<std::uintptr_t>& null_ptrs,
+                            int64_t T, const std::vector<int64_t>& ks, bool largest,
+                            const std::vector<std::uintptr_t>& mask_ptrs, const std::vector<std::uintptr_t>& flags_ptrs) {
+  const size_t n = w_ptrs.size();
+  for (const size_t size : {w_dtypes.size(), outs.size(), ins.size(), norms_ptrs.size(), null_ptrs.size(), ks.size(),
+                            mask_ptrs.size(), flags_ptrs.size()}) {
+    if (size != n) throw std::invalid_argument("wanda_mask_grouped_cpu: lists of different lengths");
+  }
+  std::vector<memcore::WandaLayer> layers;
+  layers.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    layers.push_back({ptr<const void>(w_ptrs[i]), memcore::parse_dtype(w_dtypes[i]), outs[i], ins[i],
+                      ptr<const float>(norms_ptrs[i]), ptr<const float>(null_ptrs[i]), ks[i], ptr<uint8_t>(mask_ptrs[i]),
+                      ptr<int32_t>(flags_ptrs[i])});
+  }
+  py::gil_scoped_release release;
+  memcore::wanda_mask_grouped_cpu(layers.data(), static_cast<int64_t>(n), T, largest);
 }
 
 void geglu_accumulate_cpu(std::uintptr_t p_ptr, const std::string& dtype, int64_t rows, int64_t inner,
@@ -128,6 +151,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("flags_ptr"),
         "packed wanda mask uint8[out, ceil(in/8)] of a contiguous host W[out, in] and float32 norms[T, in] "
         "(null_ptr 0: no null norms); ORs the non-finite input bits into the int32 at flags_ptr");
+  m.def("wanda_mask_grouped_cpu", &wanda_mask_grouped_cpu, py::arg("w_ptrs"), py::arg("w_dtypes"), py::arg("outs"),
+        py::arg("ins"), py::arg("norms_ptrs"), py::arg("null_ptrs"), py::arg("T"), py::arg("ks"), py::arg("largest"),
+        py::arg("mask_ptrs"), py::arg("flags_ptrs"),
+        "wanda_mask_cpu for many layers in one parallel region (lists, one entry per layer)");
   m.def("geglu_accumulate_cpu", &geglu_accumulate_cpu, py::arg("p_ptr"), py::arg("dtype"), py::arg("rows"),
         py::arg("inner"), py::arg("row_start"), py::arg("row_end"), py::arg("acc_ptr"), py::arg("out_ptr"),
         py::arg("token_norm"),

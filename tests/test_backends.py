@@ -13,7 +13,7 @@ from memcore.errors import MemcoreError
 from memcore.ops import _backend, available_backends, backend_report, chosen_backend, use_backend
 from memcore.ops._ext import extension
 
-OPS = ["geglu_accumulate", "sqnorm_accumulate", "wanda_mask"]
+OPS = ["geglu_accumulate", "sqnorm_accumulate", "wanda_mask", "wanda_mask_grouped"]
 
 
 def expected_cpu_backends() -> list[str]:

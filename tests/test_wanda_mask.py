@@ -466,3 +466,65 @@ def test_fake_shape():
     with FakeTensorMode():
         out = wanda_mask(torch.empty(6, 13, dtype=torch.bfloat16), torch.empty(2, 13), None, 3)
     assert out.dtype == torch.uint8 and tuple(out.shape) == (6, 2)
+
+
+# --- the grouped entry point ------------------------------------------------------------------------
+
+
+def grouped_inputs(gen, with_null: bool):
+    shapes = [(5, 13), (40, 64), (1, 1), (17, 100), (0, 9), (8, 130)]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float32, torch.float32]
+    weights, norms, nulls, ks = [], [], [], []
+    for i, ((out, cols), dtype) in enumerate(zip(shapes, dtypes)):
+        weight, n, null = make_inputs(gen, out, cols, 3, ties=i % 2 == 1, dtype=dtype, with_null=True)
+        weights.append(weight)
+        norms.append(n)
+        nulls.append(null)
+        ks.append([0, 1, cols, cols // 3, 2, 7][i])
+    return weights, norms, nulls if with_null else None, ks
+
+
+@pytest.mark.parametrize("with_null", (True, False))
+@pytest.mark.parametrize("largest", (True, False))
+def test_grouped_is_each_layer_bit_for_bit(backend, with_null, largest):
+    from memcore.ops.wanda_mask import wanda_mask_grouped
+
+    gen = torch.Generator().manual_seed(11)
+    weights, norms, nulls, ks = grouped_inputs(gen, with_null)
+    got = wanda_mask_grouped(weights, norms, nulls, ks, largest)
+    assert len(got) == len(weights)
+    for i, (w, n, k) in enumerate(zip(weights, norms, ks)):
+        null = None if nulls is None else nulls[i]
+        assert torch.equal(got[i], wanda_mask_reference(w, n, null, k, largest)), i
+        assert_mask_equal(got[i], brute_force_packed(w, n, null, k, largest), w.shape[1])
+
+
+def test_grouped_mistakes_name_the_layer(backend):
+    from memcore.ops.wanda_mask import wanda_mask_grouped
+
+    gen = torch.Generator().manual_seed(12)
+    weights, norms, nulls, ks = grouped_inputs(gen, True)
+    with pytest.raises(ValueError, match="norms has 5 entries for 6 weights"):
+        wanda_mask_grouped(weights, norms[:5], nulls, ks)
+    with pytest.raises(ValueError, match="weights is empty"):
+        wanda_mask_grouped([], [], None, [])
+    bad_k = [*ks[:3], 1000, *ks[4:]]
+    with pytest.raises(ValueError, match=r"layer 3: k must be in \[0, 100\]"):
+        wanda_mask_grouped(weights, norms, nulls, bad_k)
+    with pytest.raises(ValueError, match="layer 1 has T = 2 rows of norms, layer 0 3"):
+        wanda_mask_grouped(weights, [norms[0], norms[1][:2], *norms[2:]], None, ks)
+    poisoned = [w.clone() for w in weights]
+    poisoned[3][2, 5] = float("nan")
+    with pytest.raises(ValueError, match="wanda_mask_grouped: layer 3: weight contains NaN or inf"):
+        wanda_mask_grouped(poisoned, norms, nulls, ks)
+
+
+def test_grouped_op_passes_opcheck(backend):
+    from memcore.ops.wanda_mask import wanda_mask_grouped_op
+
+    gen = torch.Generator().manual_seed(13)
+    weights, norms, nulls, ks = grouped_inputs(gen, True)
+    keep = [1, 3, 5]  # opcheck's schema tests do not take empty tensors
+    torch.library.opcheck(wanda_mask_grouped_op, ([weights[i] for i in keep], [norms[i] for i in keep], [], [ks[i] for i in keep], True))
+    torch.library.opcheck(wanda_mask_grouped_op, ([weights[i] for i in keep], [norms[i] for i in keep],
+                                               [nulls[i] for i in keep], [ks[i] for i in keep], True))

@@ -11,7 +11,7 @@ from memcore.ops._backend import report as backend_report
 from memcore.ops.geglu_accumulate import geglu_accumulate, geglu_accumulate_backend, geglu_accumulate_reference
 from memcore.ops.prune_mask import prune_mask
 from memcore.ops.sqnorm_accumulate import sqnorm_accumulate, sqnorm_accumulate_reference
-from memcore.ops.wanda_mask import pack_mask, unpack_mask, wanda_mask, wanda_mask_reference
+from memcore.ops.wanda_mask import pack_mask, unpack_mask, wanda_mask, wanda_mask_grouped, wanda_mask_reference
 
 __all__ = [
     "BACKENDS",
@@ -29,5 +29,6 @@ __all__ = [
     "unpack_mask",
     "use_backend",
     "wanda_mask",
+    "wanda_mask_grouped",
     "wanda_mask_reference",
 ]

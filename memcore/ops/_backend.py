@@ -118,14 +118,18 @@ class _Entry:
     reference: Impl
     triton: Impl | None
     native: Impl | None  # the compiled extension's kernels: ``cpu`` on CPU tensors, ``cuda`` on CUDA ones
+    native_op: str  # whose kernels in the extension decide whether ``native`` can run
 
 
 _TABLE: dict[str, _Entry] = {}
 
 
-def register(op: str, *, reference: Impl, triton: Impl | None = None, native: Impl | None = None) -> None:
-    """Declare the implementations of ``op`` (once, where the op is defined)."""
-    _TABLE[op] = _Entry(reference, triton, native)
+def register(
+    op: str, *, reference: Impl, triton: Impl | None = None, native: Impl | None = None, native_op: str | None = None
+) -> None:
+    """Declare the implementations of ``op`` (once, where the op is defined). ``native`` runs where
+    the extension has kernels of ``native_op`` (default ``op``) for the device."""
+    _TABLE[op] = _Entry(reference, triton, native, native_op or op)
 
 
 def _entry(op: str) -> _Entry:
@@ -142,7 +146,7 @@ def implementations(op: str, device: torch.device) -> dict[str, Impl]:
     impls: dict[str, Impl] = {"reference": entry.reference}
     if entry.triton is not None and triton_usable(device):
         impls["triton"] = entry.triton
-    native = native_backend(op, device) if entry.native is not None else None
+    native = native_backend(entry.native_op, device) if entry.native is not None else None
     if native is not None:
         impls[native] = entry.native
     return impls

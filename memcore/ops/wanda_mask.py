@@ -204,11 +204,14 @@ def nonfinite_flags(weight: torch.Tensor, norms: torch.Tensor, null_norms: torch
     return flags.reshape(1)
 
 
-def _raise_nonfinite(flags: torch.Tensor) -> None:
-    bad = int(flags.item())
-    if bad:
-        names = [name for bit, name in _BAD_NAMES if bad & bit]
-        raise ValueError(f"wanda_mask: {' and '.join(names)} {'contains' if len(names) == 1 else 'contain'} NaN or inf")
+def _raise_nonfinite(flags: torch.Tensor, op: str = "wanda_mask") -> None:
+    """Raise for the first layer whose flag word is set (``flags``: int32, one word per layer)."""
+    words = flags.tolist()
+    for layer, bad in enumerate(words):
+        if bad:
+            names = [name for bit, name in _BAD_NAMES if bad & bit]
+            where = f"layer {layer}: " if len(words) > 1 else ""
+            raise ValueError(f"{op}: {where}{' and '.join(names)} {'contains' if len(names) == 1 else 'contain'} NaN or inf")
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -239,3 +242,99 @@ def _(weight, norms, null_norms, k, largest=True):
     _check_shapes(weight, norms, null_norms, k)
     out, in_features = weight.shape
     return weight.new_empty((out, (in_features + _BITS - 1) // _BITS), dtype=torch.uint8)
+
+
+# --- the grouped entry point: every layer of a model in one call ---------------------------------------
+
+GROUPED_OP_NAME = "memcore::wanda_mask_grouped"
+
+
+def _grouped_native(weights, norms, null_norms, ks, largest):
+    device = weights[0].device
+    if device.type != "cpu":  # no grouped CUDA kernel yet: one launch per layer
+        return _each(_native)(weights, norms, null_norms, ks, largest)
+    ws = [w.contiguous() if w.dtype in NATIVE_DTYPES else w.to(torch.float32).contiguous() for w in weights]
+    ns = [n.contiguous() for n in norms]
+    nulls = [None] * len(ws) if null_norms is None else [n.contiguous() for n in null_norms]
+    masks = [torch.empty((w.shape[0], (w.shape[1] + _BITS - 1) // _BITS), dtype=torch.uint8) for w in ws]
+    flags = torch.zeros(len(ws), dtype=torch.int32)
+    launch(
+        "wanda_mask_grouped", device,
+        [w.data_ptr() for w in ws], [NATIVE_DTYPES[w.dtype] for w in ws], [w.shape[0] for w in ws],
+        [w.shape[1] for w in ws], [n.data_ptr() for n in ns], [0 if n is None else n.data_ptr() for n in nulls],
+        ns[0].shape[0], list(ks), largest, [m.data_ptr() for m in masks],
+        [flags.data_ptr() + 4 * i for i in range(len(ws))],
+    )
+    return masks, flags
+
+
+def _each(impl):
+    """A grouped implementation from a one-layer one: one call per layer."""
+
+    def grouped(weights, norms, null_norms, ks, largest):
+        results = [impl(w, n, None if null_norms is None else null_norms[i], k, largest)
+                   for i, (w, n, k) in enumerate(zip(weights, norms, ks))]
+        return [mask for mask, _ in results], torch.cat([flags.reshape(1) for _, flags in results])
+
+    return grouped
+
+
+_backend.register("wanda_mask_grouped", reference=_each(_reference), triton=_each(_triton), native=_grouped_native,
+                  native_op="wanda_mask")
+
+
+def _check_grouped(weights, norms, null_norms, ks) -> None:
+    count = len(weights)
+    if count == 0:
+        raise ValueError("wanda_mask_grouped: weights is empty")
+    lengths = {"norms": len(norms), "ks": len(ks)}
+    if null_norms is not None:
+        lengths["null_norms"] = len(null_norms)
+    for name, length in lengths.items():
+        if length != count:
+            raise ValueError(f"wanda_mask_grouped: {name} has {length} entries for {count} weights")
+    for i, (w, n, k) in enumerate(zip(weights, norms, ks)):
+        try:
+            _check_shapes(w, n, None if null_norms is None else null_norms[i], k)
+        except ValueError as exc:
+            raise ValueError(f"wanda_mask_grouped: layer {i}: {str(exc).removeprefix('wanda_mask: ')}") from None
+        if w.device != weights[0].device:
+            raise ValueError(f"wanda_mask_grouped: layer {i} is on {w.device}, layer 0 on {weights[0].device}")
+        if n.shape[0] != norms[0].shape[0]:
+            raise ValueError(f"wanda_mask_grouped: layer {i} has T = {n.shape[0]} rows of norms, layer 0 {norms[0].shape[0]}")
+
+
+def wanda_mask_grouped(
+    weights: list[torch.Tensor], norms: list[torch.Tensor], null_norms: list[torch.Tensor] | None, ks: list[int],
+    largest: bool = True,
+) -> list[torch.Tensor]:
+    """:func:`wanda_mask` of many layers in one call: ``[wanda_mask(weights[i], norms[i],
+    null_norms[i], ks[i], largest) for i ...]``, bit for bit (``null_norms=None``: no null condition).
+
+    Every layer is on one device and has the same T. On the CPU the C++ backend runs all layers'
+    rows in one parallel region (many small layers share the threads as one large one does); the
+    other backends loop over the layers for now (one launch per layer on CUDA and Triton). The op
+    behind it is ``torch.ops.memcore.wanda_mask_grouped`` (an empty ``null_norms`` list there means
+    none).
+    """
+    return wanda_mask_grouped_op(list(weights), list(norms), [] if null_norms is None else list(null_norms), list(ks), largest)
+
+
+@torch.library.custom_op(GROUPED_OP_NAME, mutates_args=())
+def wanda_mask_grouped_op(
+    weights: list[torch.Tensor], norms: list[torch.Tensor], null_norms: list[torch.Tensor], ks: list[int],
+    largest: bool = True,
+) -> list[torch.Tensor]:
+    """The registered op of :func:`wanda_mask_grouped`; ``null_norms=[]`` means no null condition."""
+    nulls = null_norms or None
+    _check_grouped(weights, norms, nulls, ks)
+    _, impl = _backend.dispatch("wanda_mask_grouped", weights[0].device)
+    masks, flags = impl(weights, norms, nulls, ks, largest)
+    _raise_nonfinite(flags, "wanda_mask_grouped")
+    return masks
+
+
+@wanda_mask_grouped_op.register_fake
+def _(weights, norms, null_norms, ks, largest=True):
+    _check_grouped(weights, norms, null_norms or None, ks)
+    return [w.new_empty((w.shape[0], (w.shape[1] + _BITS - 1) // _BITS), dtype=torch.uint8) for w in weights]

@@ -105,3 +105,27 @@ def test_wanda_mask(benchmark, weights, t, provider):
         repeats = max(3, min(50, int(0.3 / max(median, 1e-6))))
         times, method = kernel_times(kernels, repeats)
         benchmark.extra_info.update(kernel_ms=median_ms(times), kernel_method=method, kernel_repeats=repeats)
+
+
+@pytest.mark.parametrize("entry", ("per_layer", "grouped"))
+@pytest.mark.parametrize("t", (1, 10), ids=lambda t: f"T{t}")
+def test_wanda_mask_grouped(benchmark, weights, t, entry):
+    """One call for the 16 layers (wanda_mask_grouped) against 16 calls (wanda_mask), on the fastest
+    backend: on the CPU the grouped call runs every row of every layer in one parallel region."""
+    provider = fastest(wanda)
+    benchmark.group = f"wanda_mask on {provider}: 16 calls or one grouped call, 16 SD 1.5 layers, T={t}"
+    generator = torch.Generator().manual_seed(t)
+    norms = [_norms(t, w.shape[1], generator) for w in weights]
+    nulls = [_norms(t, w.shape[1], generator) for w in weights]
+    ks = [math.floor(SPARSITY * w.shape[1]) for w in weights]
+
+    def run() -> None:
+        with use_backend(provider):
+            if entry == "grouped":
+                wanda.wanda_mask_grouped(weights, norms, nulls, ks)
+            else:
+                for w, n, z, k in zip(weights, norms, nulls, ks):
+                    wanda.wanda_mask(w, n, z, k)
+
+    measure(benchmark, run)
+    record(benchmark, op=f"wanda_mask {entry}", provider=provider, T=t, baseline=entry == "per_layer")
