@@ -15,15 +15,19 @@ read and write (P, X); ``gbps`` (CUDA only) is that over the median time.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from benchutil import DEVICE, ON_CUDA, PROVIDERS, gbps, measure, record, require
 
-import memcore.ops.geglu_accumulate as gm
-import memcore.ops.sqnorm_accumulate as sq
 from memcore.ops import use_backend
+
+# the modules (memcore.ops.<op> is also the op itself)
+gm = importlib.import_module("memcore.ops.geglu_accumulate")
+sq = importlib.import_module("memcore.ops.sqnorm_accumulate")
 
 # (inner features of ff.net.2, tokens per image at 512 px): docs/method.md section 1's distinct shapes
 SHAPES = [(1280, 4096), (2560, 1024), (5120, 256), (5120, 64)]

@@ -17,6 +17,7 @@ CUDA graph and replayed, timed with CUDA events (``kernel_method`` says how; see
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -24,8 +25,9 @@ import torch
 
 from benchutil import DEVICE, ON_CUDA, PROVIDERS, SMOKE, fastest, gbps, kernel_times, measure, median_ms, record, require
 
-import memcore.ops.wanda_mask as wanda
 from memcore.ops import _backend, use_backend
+
+wanda = importlib.import_module("memcore.ops.wanda_mask")  # the module: memcore.ops.wanda_mask is also the op
 
 # docs/method.md section 1: the ff.net.2 weights [out, in] of SD 1.5 in forward-execution order
 # (down_blocks.0-2 two each, mid_block one, up_blocks.1-3 three each)
