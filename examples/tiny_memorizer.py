@@ -28,13 +28,14 @@ def main() -> None:
     parser.add_argument("--families", default=",".join(FAMILIES), help="comma-separated target families")
     parser.add_argument("--sparsities", default="0.01,0.1,0.4", help="comma-separated sparsities")
     parser.add_argument("--samples", type=int, default=8, help="samples per private caption")
+    parser.add_argument("--consistency", type=int, default=100, help="held-out captions for caption consistency")
     args = parser.parse_args()
     if args.out.exists():
         parser.error(f"--out {args.out}: already exists; choose a new folder")
 
     config = ExperimentConfig(
         families=tuple(args.families.split(",")), sparsities=tuple(float(s) for s in args.sparsities.split(",")),
-        samples=args.samples,
+        samples=args.samples, consistency=args.consistency,
     )
     pipe = load_pipeline(str(demo.model_folder("tiny-memorizer")), "cpu", "float32")
     report = run_experiment(pipe, demo.SPECS["tiny-memorizer"], config)

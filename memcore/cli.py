@@ -1313,7 +1313,8 @@ def cmd_demo(args) -> None:
     record = json.loads((folder.parent / demo.BUILD_RECORD).read_text())
     _emit(args, {"model": args.model, "folder": str(folder), **record},
           f"{args.model} is built in {folder} ({time.perf_counter() - started:.0f} s this run); "
-          f"use it with --model {args.model}")
+          f"use it with 'memcore demo run|measure --model {args.model} --built', or with --model {folder} "
+          f"in any command")
 
 
 def _demo_measure(args) -> None:

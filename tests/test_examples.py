@@ -91,3 +91,15 @@ def test_wanda_example_runs_from_the_command_line():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "pruned 14 Linear layers, 0.500-0.500 of each (2:4)" in done.stdout
+
+
+def test_tiny_memorizer_example_writes_the_table(tmp_path):
+    out = tmp_path / "experiment"
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "tiny_memorizer.py"), "--out", str(out),
+                           "--families", "attn2.to_k", "--sparsities", "0.1", "--samples", "3", "--consistency", "5"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["copies.png", "report.json", "table.md"]
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["family"], r["mask"]) for r in report["after"]] == [("attn2.to_k", m) for m in ("private", "control", "random")]
+    assert "detection AUC" in done.stdout and (out / "table.md").read_text() in done.stdout
