@@ -104,8 +104,6 @@ def preflight_build(cpu: bool) -> int:
     """After the build: memcore._C loads, has CUDA kernels, and the dispatcher picks them."""
     import torch
 
-    import importlib
-
     from memcore.ops import _backend
     from memcore.ops._ext import extension, extension_error
 
@@ -115,9 +113,8 @@ def preflight_build(cpu: bool) -> int:
         return fail_line("memcore._C was compiled without CUDA (compiled_with_cuda() is False): the build found no nvcc")
     device, want = (torch.device("cpu"), "cpu") if cpu else (torch.device("cuda"), "cuda")
     for op in ("sqnorm_accumulate", "geglu_accumulate", "wanda_mask"):
-        module = importlib.import_module(f"memcore.ops.{op}")
         try:
-            chosen, _ = _backend.select(op, device, module._available(device))
+            chosen = _backend.chosen_backend(op, device)
         except Exception as exc:  # noqa: BLE001 - e.g. MEMCORE_BACKEND naming a backend that cannot run
             return fail_line(f"backend selection for {op} on {device.type} tensors failed: {exc}")
         if chosen != want:
@@ -168,17 +165,13 @@ def determinism(jsonl: str, cpu: bool, shrink: int = 16) -> int:
     """
     import torch
 
-    import importlib
-
-    from memcore.ops import geglu_accumulate, sqnorm_accumulate, use_backend, wanda_mask
-
-    wanda_module = importlib.import_module("memcore.ops.wanda_mask")
+    from memcore.ops import _backend, geglu_accumulate, sqnorm_accumulate, use_backend, wanda_mask
 
     device = torch.device("cpu" if cpu else "cuda")
     dtype = torch.float32 if cpu else torch.float16
     stat_shapes = [(max(2, rows // shrink), max(1, inner // shrink)) for rows, inner in STAT_SHAPES] if cpu else STAT_SHAPES
     layers = [(max(1, out // shrink), max(1, cols // shrink)) for out, cols in SD15_LAYERS] if cpu else SD15_LAYERS
-    available = wanda_module._available(device)
+    available = _backend.available_backends("wanda_mask", device)
     backends = [name for name in (("cpu",) if cpu else ("cuda", "triton")) if name in available]
     generator = torch.Generator(device=device).manual_seed(0)
     equal_all = True
