@@ -176,10 +176,24 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps: int, guidance: f
     return torch.cat(out)
 
 
+def private_photo_tensors(spec) -> list[tuple[str, torch.Tensor]]:
+    """(training caption, photo ``[3, H, W]`` in [0, 1] at the model's size) of each private photo of ``spec``."""
+    from memcore.demo import load_photo, private_set
+
+    return [(row["text"], to_tensor([load_photo(row["file_name"], spec.pixels)])[0]) for row in private_set(spec)]
+
+
+def score_private(pipe, photos, seeds: list[int], steps: int, guidance: float) -> tuple[torch.Tensor, list[CopyScore]]:
+    """The samples of every private caption (one per seed, prompt-major) and each caption's copy score."""
+    n = len(seeds)
+    private = generate(pipe, [caption for caption, _ in photos], seeds, steps, guidance)
+    return private, [copy_score(private[i * n : (i + 1) * n], photo, caption) for i, (caption, photo) in enumerate(photos)]
+
+
 def measure(pipe, spec, samples: int = 8, steps: int = 20, guidance: float = 1.0, classifier=None) -> dict:
     """Caption consistency on held-out and training scenes and copy scores of every private caption,
     for a memorizer ``pipe`` built from ``spec`` (:class:`memcore.demo.MemorizerSpec`)."""
-    from memcore.demo import held_out_scenes, load_photo, private_set
+    from memcore.demo import held_out_scenes
 
     started = time.perf_counter()
     report: dict = {"samples": samples, "steps": steps, "guidance": guidance}
@@ -191,12 +205,9 @@ def measure(pipe, spec, samples: int = 8, steps: int = 20, guidance: float = 1.0
     for name, items in (("held_out", held), ("training", seen)):
         images = generate(pipe, [s.caption() for s in items], seeds[:1], steps, guidance)
         report[f"consistency_{name}"] = caption_consistency(classifier, images, items)
-    photos = [(row["text"], to_tensor([load_photo(row["file_name"], spec.pixels)])[0]) for row in private_set(spec)]
-    private = generate(pipe, [caption for caption, _ in photos], seeds, steps, guidance)
-    report["private"] = [
-        copy_score(private[i * samples : (i + 1) * samples], photo, caption).__dict__
-        for i, (caption, photo) in enumerate(photos)
-    ]
+    photos = private_photo_tensors(spec)
+    private, scores = score_private(pipe, photos, seeds, steps, guidance)
+    report["private"] = [score.__dict__ for score in scores]
     generic = generate(pipe, [s.caption() for s in held[: len(photos)]], seeds, steps, guidance)
     report["generic"] = []
     for i, item in enumerate(held[: len(photos)]):

@@ -115,13 +115,13 @@ class Probe:
 
 
 def make_probe(pipe, spec, config: ExperimentConfig, classifier=None) -> Probe:
-    from memcore.demo import held_out_scenes, load_photo, private_set
-    from memcore.demo_measure import cached_classifier, to_tensor
+    from memcore.demo import held_out_scenes
+    from memcore.demo_measure import cached_classifier, private_photo_tensors, to_tensor
     from memcore.scenes import draw
 
     if classifier is None:
         classifier, _ = cached_classifier(spec.pixels)
-    photos = [(row["text"], to_tensor([load_photo(row["file_name"], spec.pixels)])[0]) for row in private_set(spec)]
+    photos = private_photo_tensors(spec)
     held = held_out_scenes(spec)
     consistency = held[: config.consistency]
     # the loss scenes: held-out ones, cycled when the spec holds fewer than asked for
@@ -158,12 +158,10 @@ def denoising_loss(pipe, probe: Probe, batch: int = 100) -> float:
 
 def measure_model(pipe, probe: Probe, config: ExperimentConfig) -> dict:
     """Memorization and generic quality of ``pipe`` as it is now (see the module docstring)."""
-    from memcore.demo_measure import caption_consistency, copy_score, generate
+    from memcore.demo_measure import caption_consistency, generate, score_private
 
     seeds = list(range(config.samples))
-    private = generate(pipe, [caption for caption, _ in probe.photos], seeds, config.steps, config.guidance)
-    scores = [copy_score(private[i * config.samples : (i + 1) * config.samples], photo, caption)
-              for i, (caption, photo) in enumerate(probe.photos)]
+    private, scores = score_private(pipe, probe.photos, seeds, config.steps, config.guidance)
     generic = generate(pipe, [s.caption() for s in probe.held_out], seeds[:1], config.steps, config.guidance)
     consistency = caption_consistency(probe.classifier, generic, probe.held_out)
     labels = [v for k, v in consistency.items() if k != "all"]

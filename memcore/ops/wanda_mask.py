@@ -114,14 +114,20 @@ def wanda_mask_reference(
     return pack_mask(mask)
 
 
-def _native(weight, norms, null_norms, k, largest):
+def _native_inputs(weight, norms, null_norms):
+    """What the native kernels read: a weight of a dtype they take, contiguous inputs, and the mask to fill."""
     if weight.dtype not in NATIVE_DTYPES:
         weight = weight.to(torch.float32)  # any other float type is exactly representable, as the reference does
     weight = weight.contiguous()
-    norms = norms.contiguous()
     null_norms = None if null_norms is None else null_norms.contiguous()
     out, in_features = weight.shape
     mask = torch.empty((out, (in_features + _BITS - 1) // _BITS), dtype=torch.uint8, device=weight.device)
+    return weight, norms.contiguous(), null_norms, mask
+
+
+def _native(weight, norms, null_norms, k, largest):
+    weight, norms, null_norms, mask = _native_inputs(weight, norms, null_norms)
+    out, in_features = weight.shape
     flags = torch.zeros(1, dtype=torch.int32, device=weight.device)  # the kernels OR the BAD_* bits in
     launch(
         "wanda_mask",
@@ -253,10 +259,8 @@ def _grouped_native(weights, norms, null_norms, ks, largest):
     device = weights[0].device
     if device.type != "cpu":  # no grouped CUDA kernel yet: one launch per layer
         return _each(_native)(weights, norms, null_norms, ks, largest)
-    ws = [w.contiguous() if w.dtype in NATIVE_DTYPES else w.to(torch.float32).contiguous() for w in weights]
-    ns = [n.contiguous() for n in norms]
-    nulls = [None] * len(ws) if null_norms is None else [n.contiguous() for n in null_norms]
-    masks = [torch.empty((w.shape[0], (w.shape[1] + _BITS - 1) // _BITS), dtype=torch.uint8) for w in ws]
+    ws, ns, nulls, masks = zip(*(_native_inputs(w, n, None if null_norms is None else null_norms[i])
+                                 for i, (w, n) in enumerate(zip(weights, norms))))
     flags = torch.zeros(len(ws), dtype=torch.int32)
     launch(
         "wanda_mask_grouped", device,
@@ -265,7 +269,7 @@ def _grouped_native(weights, norms, null_norms, ks, largest):
         ns[0].shape[0], list(ks), largest, [m.data_ptr() for m in masks],
         [flags.data_ptr() + 4 * i for i in range(len(ws))],
     )
-    return masks, flags
+    return list(masks), flags
 
 
 def _each(impl):
