@@ -30,7 +30,7 @@ adds into ``acc`` in program order; no floating-point atomics.
   registers: no extra pass over X in global memory.
 - Wider rows: one kernel walks each row in BLOCK_C chunks, storing X and (token_norm) finding the
   row's scale and norm; the statistic is then added from the stored X by the chunked kernel of
-  ``sqnorm_accumulate.py`` (one extra read of X, only for these rows).
+  ``_common.py`` (one extra read of X, only for these rows).
 """
 
 from __future__ import annotations
@@ -39,26 +39,20 @@ import torch
 import triton
 import triton.language as tl
 
-# Block sizing is the statistics kernel's: rows of up to MAX_BLOCK_COLS (8192 >= SD's widest GEGLU,
-# 5120) are one block, wider ones are chunked.
-from memcore._kernels.sqnorm_accumulate import (
-    _TORCH_DTYPES,
-    MAX_BLOCK_COLS,
+from memcore._kernels._common import (
+    TORCH_DTYPES,
     add_partials,
-    blocks,
     compute_dtype,
-    device_guard,
     finish_norm,
     normalized_squares,
-    num_warps,
-    programs,
     row_norm,
     running_norm,
-    upcast,
     torch_dtype,
+    upcast,
     wide_partials,
     workspace,
 )
+from memcore._kernels._launch import MAX_BLOCK_COLS, blocks, device_guard, num_warps, programs
 
 # 1 / sqrt(2)
 SQRT1_2 = tl.constexpr(0.7071067811865476)
@@ -195,7 +189,7 @@ def geglu_accumulate_triton(
     ``max_block_cols`` (a power of two) is the widest row kept as one block; tests lower it to run
     the chunked path on small shapes.
     """
-    if p2d.dim() != 2 or p2d.dtype not in _TORCH_DTYPES or p2d.stride(1) != 1 or p2d.shape[1] % 2 != 0:
+    if p2d.dim() != 2 or p2d.dtype not in TORCH_DTYPES or p2d.stride(1) != 1 or p2d.shape[1] % 2 != 0:
         raise ValueError(
             "geglu_accumulate_triton: p2d must be a row-major 2-D float16/bfloat16/float32/float64 tensor "
             f"with an even number of columns, got {p2d.dtype} of shape {tuple(p2d.shape)} and strides {p2d.stride()}"

@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from memcore._kernels.sqnorm_accumulate import device_guard, upcast
+from memcore._kernels._common import upcast
+from memcore._kernels._launch import device_guard, mask_blocks, mask_num_warps
 
 # bits per packed byte
 BITS = 8
@@ -52,8 +53,6 @@ INT32_MIN = tl.constexpr(-(1 << 31))
 BAD_WEIGHT = tl.constexpr(1)
 BAD_NORMS = tl.constexpr(2)
 BAD_NULL_NORMS = tl.constexpr(4)
-# Elements of one [ROWS, BLOCK] block: rows narrower than this share a program.
-TILE_ELEMENTS = 4096
 
 
 @triton.jit
@@ -144,13 +143,6 @@ def _wanda_mask_kernel(
         )
 
 
-def _blocks(out_features: int, in_features: int) -> tuple[int, int]:
-    """(ROWS, BLOCK): a row padded to a power of two >= 8 columns, rows per program up to TILE_ELEMENTS."""
-    block = max(BITS, triton.next_power_of_2(in_features))
-    rows = max(1, min(TILE_ELEMENTS // block, triton.next_power_of_2(max(out_features, 1))))
-    return rows, block
-
-
 def wanda_mask_triton(
     weight: torch.Tensor,
     norms: torch.Tensor,
@@ -191,7 +183,7 @@ def wanda_mask_triton(
     flags = torch.zeros(1, dtype=torch.int32, device=weight.device)
     norms = norms.contiguous()
     null = norms if null_norms is None else null_norms.contiguous()  # a dummy pointer without null norms
-    rows, block = _blocks(out_features, in_features)
+    rows, block = mask_blocks(out_features, in_features)
     with device_guard(weight.device):
         _wanda_mask_kernel[(max(1, triton.cdiv(out_features, rows)),)](
             weight,
@@ -211,6 +203,6 @@ def wanda_mask_triton(
             SELECT=select,
             ROWS=rows,
             BLOCK=block,
-            num_warps=max(1, min(16, rows * block // 256)),
+            num_warps=mask_num_warps(rows, block),
         )
     return out, flags

@@ -598,7 +598,7 @@ def _repeat(fn, runs=2):
 def test_statistics_are_identical_from_run_to_run():
     """Several programs (uneven numbers of tiles) write the workspace; two runs give the same bytes
     (weak under the interpreter, which runs programs in order; the GPU tests repeat it there)."""
-    from memcore._kernels.sqnorm_accumulate import blocks, programs
+    from memcore._kernels._launch import blocks, programs
 
     x = _activations((40, 2048), torch.float32, seed=5).to(DEVICE)
     _, block_r, _ = blocks(40, 2048, 8192)
@@ -625,7 +625,7 @@ def test_statistics_are_identical_from_run_to_run():
 
 
 def test_device_guard_selects_the_tensors_device():
-    from memcore._kernels.sqnorm_accumulate import device_guard
+    from memcore._kernels._launch import device_guard
 
     guard = device_guard(torch.device("cuda", 1))  # not entered: no CUDA needed to build it
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from memcore.ops import _backend
+from memcore.ops._common import NATIVE_DTYPES, check_accumulator, check_float_dtype, rows_2d
 from memcore.ops._ext import launch
-from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES, _rows_2d, check_accumulator, sqnorm_accumulate_reference
+from memcore.ops.sqnorm_accumulate import sqnorm_accumulate_reference
 
 OP_NAME = "memcore::geglu_accumulate"
 
@@ -45,7 +46,7 @@ def geglu_accumulate_reference(
 
 
 def _native(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
-    p2 = _rows_2d(p)
+    p2 = rows_2d(p)
     rows, inner, dtype = p2.shape[0], p2.shape[1] // 2, NATIVE_DTYPES[p2.dtype]
     out = torch.empty((rows, inner), dtype=p2.dtype, device=p2.device)
     args = (p2.data_ptr(), dtype, rows, inner, row_start, row_end, acc.data_ptr(), out.data_ptr(), token_norm)
@@ -57,7 +58,7 @@ def _native(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, to
 def _triton(p: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> torch.Tensor:
     from memcore._kernels.geglu_accumulate import geglu_accumulate_triton
 
-    return geglu_accumulate_triton(_rows_2d(p), acc, row_start, row_end, token_norm)
+    return geglu_accumulate_triton(rows_2d(p), acc, row_start, row_end, token_norm)
 
 
 _backend.register("geglu_accumulate", reference=geglu_accumulate_reference, triton=_triton, native=_native)
@@ -70,10 +71,7 @@ def geglu_accumulate_backend(device: torch.device) -> str:
 
 def _validate(proj_out: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int | None) -> int:
     """Dtype, shape, device and row-range checks (metadata only, shared with the fake); returns row_end."""
-    if proj_out.dtype not in NATIVE_DTYPES:
-        raise ValueError(
-            f"geglu_accumulate: proj_out must be float16, bfloat16, float32 or float64, got {proj_out.dtype}"
-        )
+    check_float_dtype("geglu_accumulate", "proj_out", proj_out)
     if proj_out.dim() < 1 or proj_out.shape[-1] == 0 or proj_out.shape[-1] % 2 != 0:
         raise ValueError(
             "geglu_accumulate: proj_out must have a non-empty, even last dimension (2 * inner), "

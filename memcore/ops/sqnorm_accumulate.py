@@ -24,18 +24,10 @@ from __future__ import annotations
 import torch
 
 from memcore.ops import _backend
+from memcore.ops._common import NATIVE_DTYPES, check_accumulator, check_float_dtype, rows_2d
 from memcore.ops._ext import launch
 
 OP_NAME = "memcore::sqnorm_accumulate"
-
-# dtype names understood by the native kernels
-NATIVE_DTYPES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float64: "float64",
-}
-
 
 def sqnorm_accumulate_reference(
     x: torch.Tensor, acc: torch.Tensor, row_start: int = 0, row_end: int | None = None, token_norm: bool = True
@@ -50,13 +42,8 @@ def sqnorm_accumulate_reference(
     acc += sq.sum(dim=0).to(torch.float32)
 
 
-def _rows_2d(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.is_contiguous() else x2.contiguous()
-
-
 def _native(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
-    x2 = _rows_2d(x)
+    x2 = rows_2d(x)
     dtype, rows, cols = NATIVE_DTYPES[x2.dtype], x2.shape[0], x2.shape[1]
     args = (x2.data_ptr(), dtype, rows, cols, row_start, row_end, acc.data_ptr(), token_norm)
     # on CUDA, per-block partial sums go to a workspace, added in a fixed order
@@ -66,41 +53,17 @@ def _native(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, to
 def _triton(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, token_norm: bool) -> None:
     from memcore._kernels.sqnorm_accumulate import sqnorm_accumulate_triton
 
-    sqnorm_accumulate_triton(_rows_2d(x), acc, row_start, row_end, token_norm)
+    sqnorm_accumulate_triton(rows_2d(x), acc, row_start, row_end, token_norm)
 
 
 _backend.register("sqnorm_accumulate", reference=sqnorm_accumulate_reference, triton=_triton, native=_native)
 
 
 def _validate(x: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int | None) -> int:
-    if x.dtype not in NATIVE_DTYPES:
-        raise ValueError(f"sqnorm_accumulate: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    check_float_dtype("sqnorm_accumulate", "x", x)
     if x.dim() < 1 or x.shape[-1] == 0:
         raise ValueError(f"sqnorm_accumulate: x must have a non-empty last (feature) dimension, got shape {tuple(x.shape)}")
     return check_accumulator("sqnorm_accumulate", "x", x, acc, x.shape[-1], row_start, row_end, "")
-
-
-def check_accumulator(
-    op: str, name: str, x: torch.Tensor, acc: torch.Tensor, features: int, row_start: int, row_end: int | None, note: str
-) -> int:
-    """The accumulator and row-range checks shared by the statistics ops; returns the resolved row_end.
-
-    ``x`` (called ``name`` in messages) has rows of ``x.shape[-1]`` elements and ``features`` statistics.
-    """
-    if acc.dtype != torch.float32 or acc.dim() != 1 or acc.shape[0] != features:
-        raise ValueError(
-            f"{op}: acc must be a float32 vector of {features} features{note}, "
-            f"got {acc.dtype} of shape {tuple(acc.shape)}"
-        )
-    if not acc.is_contiguous():
-        raise ValueError(f"{op}: acc must be contiguous")
-    if acc.device != x.device:
-        raise ValueError(f"{op}: acc is on {acc.device} but {name} is on {x.device}")
-    rows = x.numel() // x.shape[-1]
-    end = rows if row_end is None else row_end
-    if not 0 <= row_start <= end <= rows:
-        raise ValueError(f"{op}: row range [{row_start}, {row_end}) does not fit {rows} rows")
-    return end
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=("acc",))

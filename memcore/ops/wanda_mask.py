@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from memcore.ops import _backend
+from memcore.ops._common import NATIVE_DTYPES
 from memcore.ops._ext import launch
-from memcore.ops.sqnorm_accumulate import NATIVE_DTYPES
 
 OP_NAME = "memcore::wanda_mask"
 
