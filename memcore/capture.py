@@ -20,6 +20,13 @@ once per call (the pipeline encodes the prompts, then the negative prompts).
 Text-encoder targets run before the first denoiser call (call index -1) and add to call index 0;
 the caller copies that row to the other call indices (:meth:`CaptureState.finish`).
 :func:`apply_capture` attaches the hooks and always removes them.
+
+Under ``torch.compile``. The denoiser's hooks never read the call index: they add to one buffer per
+(destination, layer), the same tensor on every call, and the counter hook, which runs outside the
+compiled transformer blocks, copies the call's row of the accumulators into the buffers before the
+call and back after it. The ops add to the buffer exactly as they would to the row, so the result is
+the same bit for bit; and a compiled block sees the same tensors and Python values on every counted
+call, so it compiles once per batch shape, with no graph break (tests/test_compile.py).
 """
 
 from __future__ import annotations
@@ -72,12 +79,39 @@ class CaptureState:
     destinations: list[Destination] = field(default_factory=list)
     call_index: int = -1
     run: int = 0
+    collecting: bool = False
+    buffers: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def start_run(self, destinations: Accumulators | list[Destination]) -> None:
         """Direct the statistics of the next generation: one set of accumulators, or one per prompt range."""
         self.destinations = [Destination(destinations)] if isinstance(destinations, dict) else list(destinations)
         self.call_index = -1
+        self.collecting = False
         self.run += 1
+        for slot, dest in enumerate(self.destinations):
+            for layer, acc in dest.accumulators.items():
+                buffer = self.buffers.get((slot, layer))
+                if buffer is None or buffer.shape != acc.shape[1:] or buffer.device != acc.device:
+                    self.buffers[slot, layer] = torch.empty_like(acc[0])
+
+    def begin_call(self) -> None:
+        """Before a denoiser call: advance the call index; if the call counts, load its rows into the buffers."""
+        self.call_index += 1
+        self.collecting = 0 <= self.call_index < self.num_calls
+        if self.collecting:
+            for (slot, layer), buffer in self._active_buffers():
+                buffer.copy_(self.destinations[slot].accumulators[layer][self.call_index])
+
+    def end_call(self) -> None:
+        """After a denoiser call that counts: store the buffers back into the call's rows."""
+        if self.collecting:
+            for (slot, layer), buffer in self._active_buffers():
+                self.destinations[slot].accumulators[layer][self.call_index].copy_(buffer)
+
+    def _active_buffers(self) -> Iterator[tuple[tuple[int, str], torch.Tensor]]:
+        for slot, dest in enumerate(self.destinations):
+            for layer in dest.accumulators:
+                yield (slot, layer), self.buffers[slot, layer]
 
     def denoiser_copies(self) -> tuple[int, int]:
         """(copies of the prompt batch in a denoiser input, first copy that counts): the guidance
@@ -85,8 +119,8 @@ class CaptureState:
         copies = 2 if self.guided else 1
         return copies, copies - 1 if self.rows == "cond" else 0
 
-    def row_ranges(self, shape: torch.Size, copies: int, first_copy: int) -> Iterator[tuple[Accumulators, int, int]]:
-        """(accumulators, first row, end row) of an input of ``shape`` viewed as [-1, features], per destination.
+    def row_ranges(self, shape: torch.Size, copies: int, first_copy: int) -> Iterator[tuple[int, int, int]]:
+        """(destination index, first row, end row) of an input of ``shape`` viewed as [-1, features], per destination.
 
         The input holds ``copies`` consecutive copies of the prompt batch; copies before
         ``first_copy`` are skipped.
@@ -98,11 +132,11 @@ class CaptureState:
         per_prompt = math.prod(shape[1:-1])
         for copy in range(first_copy, copies):
             base = copy * prompts
-            for dest in self.destinations:
+            for slot, dest in enumerate(self.destinations):
                 end = prompts if dest.end is None else dest.end
                 if end > prompts:
                     raise MemcoreError(f"capture: prompts {dest.start}..{end - 1} routed, the batch has {prompts}")
-                yield dest.accumulators, (base + dest.start) * per_prompt, (base + end) * per_prompt
+                yield slot, (base + dest.start) * per_prompt, (base + end) * per_prompt
 
     def finish(self, accumulators: Accumulators, targets: list[Target]) -> None:
         """Copy each text-encoder statistic (collected at call index 0) to every call index."""
@@ -113,15 +147,19 @@ class CaptureState:
 
 
 class CallCounterHook(ModelHook):
-    """Advances ``state.call_index`` before each call of the denoiser."""
+    """Around each call of the denoiser: :meth:`CaptureState.begin_call` and :meth:`CaptureState.end_call`."""
 
     def __init__(self, state: CaptureState):
         super().__init__()
         self.state = state
 
     def pre_forward(self, module, *args, **kwargs):
-        self.state.call_index += 1
+        self.state.begin_call()
         return args, kwargs
+
+    def post_forward(self, module, output):
+        self.state.end_call()
+        return output
 
 
 class InputStatisticsHook(ModelHook):
@@ -141,14 +179,13 @@ class InputStatisticsHook(ModelHook):
             if self._run != state.run:
                 self._run, self._encodings = state.run, 0
             self._encodings += 1
-            counted = state.call_index == -1 and (state.rows == "both" or self._encodings == 1)
-            call, copies, first_copy = 0, 1, 0
-        else:
-            counted = 0 <= state.call_index < state.num_calls
-            call, (copies, first_copy) = state.call_index, state.denoiser_copies()
-        if counted:
-            for accumulators, start, end in state.row_ranges(x.shape, copies, first_copy):
-                sqnorm_accumulate(x.detach(), accumulators[self.layer][call], start, end, state.token_norm)
+            if state.call_index == -1 and (state.rows == "both" or self._encodings == 1):
+                for slot, start, end in state.row_ranges(x.shape, 1, 0):
+                    acc = state.destinations[slot].accumulators[self.layer][0]
+                    sqnorm_accumulate(x.detach(), acc, start, end, state.token_norm)
+        elif state.collecting:
+            for slot, start, end in state.row_ranges(x.shape, *state.denoiser_copies()):
+                sqnorm_accumulate(x.detach(), state.buffers[slot, self.layer], start, end, state.token_norm)
         return args, kwargs
 
 
@@ -163,16 +200,14 @@ class FusedGegluHook(ModelHook):
     def new_forward(self, module, hidden_states, *args, **kwargs):
         state = self.state
         projected = module.proj(hidden_states)
-        counted = 0 <= state.call_index < state.num_calls
-        ranges = list(state.row_ranges(projected.shape, *state.denoiser_copies())) if counted else []  # X's rows
+        ranges = list(state.row_ranges(projected.shape, *state.denoiser_copies())) if state.collecting else []  # X's rows
         if not ranges:
             h, gate = projected.chunk(2, dim=-1)
             return h * module.gelu(gate)
-        call = state.call_index
-        accumulators, start, end = ranges[0]
-        out = geglu_accumulate(projected, accumulators[self.layer][call], start, end, state.token_norm)
-        for accumulators, start, end in ranges[1:]:
-            sqnorm_accumulate(out, accumulators[self.layer][call], start, end, state.token_norm)
+        slot, start, end = ranges[0]
+        out = geglu_accumulate(projected, state.buffers[slot, self.layer], start, end, state.token_norm)
+        for slot, start, end in ranges[1:]:
+            sqnorm_accumulate(out, state.buffers[slot, self.layer], start, end, state.token_norm)
         return out
 
 

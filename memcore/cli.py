@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="image width in pixels (default: the model's)")
     p.add_argument("--rows", choices=["both", "cond"], default="both", help="guidance-batch rows to count (default both)")
     p.add_argument("--no-token-norm", action="store_true", help="do not L2-normalize token rows before squaring")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="compile the denoiser with torch.compile, one graph with the capture inside (same mask as "
+        "without; the first batch pays the compile time)",
+    )
 
     p = sub.add_parser(
         "mask",
@@ -560,6 +565,7 @@ def cmd_localize(args) -> None:
         batch_size=args.batch_size,
         per_step=args.per_step,
         target=args.target,
+        compile=args.compile,
     )
     if args.subsets:
         _localize_subsets(args, config, started)

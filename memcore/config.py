@@ -52,6 +52,8 @@ class LocalizeConfig:
         target: the family of Linear layers to score (see :mod:`memcore.targets`).
         fuse_geglu: compute GEGLU and its statistic in one op (``None``: wherever a native backend
             runs that op; its float32 gelu rounds differently from PyTorch's in the last bit).
+        compile: run the denoiser as one ``torch.compile`` graph per batch shape (``fullgraph``, the
+            capture hooks and the fused ops inside); the pipeline is left as it was.
     """
 
     steps: int | None = None
@@ -68,6 +70,7 @@ class LocalizeConfig:
     progress: bool = True
     target: str = "ffn"
     fuse_geglu: bool | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         from memcore.targets import check_family

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from helpers import backend_device, backends, needs_cuda
 from memcore.config import LocalizeConfig, resolve_generation
 from memcore.driver import initial_latent
 from memcore.models import denoiser
@@ -187,3 +188,80 @@ def test_fused_geglu_routes_prompt_ranges_like_input_hooks(tiny_pipe, prompts, r
     whole = collect_stats(tiny_pipe, prompts, LocalizeConfig(height=64, width=64, timesteps=2, rows=rows, batch_size=3, progress=False))
     for name in whole.layers:
         torch.testing.assert_close(results[False][0][name] + results[False][1][name], whole.mem[name], rtol=1e-5, atol=1e-6)
+
+
+# --- every backend of the fused op, and the GPU ------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", backends("geglu_accumulate", only=("cpu", "triton", "cuda")))
+def test_fused_capture_on_each_backend_routes_prompt_ranges(backend):
+    """Capture through the fused GEGLU of ``backend`` (first prompt range) and the statistic op (second
+    range), against unfused capture on the reference backend, on the backend's device."""
+    from memcore.capture import CaptureState, Destination, apply_capture
+    from memcore.driver import is_guided, run_first_calls
+    from memcore.models import load_pipeline
+    from memcore.ops import use_backend
+
+    device = backend_device(backend)
+    pipe = load_pipeline("tiny", device=device, dtype="float32")
+    targets = find_targets(pipe.unet)
+    generation = resolve_generation(pipe, LocalizeConfig(height=32, width=32))
+    latent = initial_latent(pipe, generation)
+    prompts = ["a painting of a fox", "the great wave", "a man in a hat"]
+    results = {}
+    for name, fused in ((backend, True), ("reference", False)):
+        parts = [{t.name: torch.zeros(1, t.linear.in_features, device=device) for t in targets} for _ in range(2)]
+        state = CaptureState(num_calls=1, guided=is_guided(pipe, generation))
+        with torch.no_grad(), use_backend(name), apply_capture(pipe.unet, targets, state, fused=fused):
+            state.start_run([Destination(parts[0], 0, 2), Destination(parts[1], 2, 3)])
+            run_first_calls(pipe, prompts, latent, generation, 1)
+        results[name] = parts
+    for part in range(2):
+        for layer, acc in results[backend][part].items():
+            assert (acc > 0).all(), layer
+            torch.testing.assert_close(acc, results["reference"][part][layer], rtol=1e-5, atol=1e-6, msg=layer)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", backends("geglu_accumulate", only=("triton", "cuda")))
+def test_localize_on_gpu(backend):
+    """localize on the GPU: statistics within float32 noise of the reference backend's (the fused GEGLU
+    may round X differently in the last bit), and the mask exactly the reference's mask of those
+    statistics."""
+    from memcore.localization import localize
+    from memcore.mask import compute_mask
+    from memcore.models import load_pipeline
+    from memcore.ops import use_backend
+
+    pipe = load_pipeline("tiny", device="cuda", dtype="float32")
+    prompts = ["a painting of a fox", "the great wave, print", "portrait of a man in a hat"]
+    config = LocalizeConfig(timesteps=3, sparsity=0.05, progress=False)
+    with use_backend("reference"):
+        _, want_stats = localize(pipe, prompts, config)
+    with use_backend(backend):
+        got, got_stats = localize(pipe, prompts, config)
+    for name in want_stats.layers:
+        torch.testing.assert_close(got_stats.mem[name], want_stats.mem[name], rtol=1e-4, atol=1e-6)
+    with use_backend("reference"):
+        want = compute_mask(pipe, got_stats, config.sparsity)
+    for name in want.layers:
+        assert torch.equal(got.layers[name].cpu(), want.layers[name].cpu()), name
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", backends("geglu_accumulate", only=("triton", "cuda")))
+def test_subsets_on_gpu_match_separate_runs(backend):
+    """Batches spanning subsets route prompt ranges through the fused GEGLU and the statistic op."""
+    from memcore.localization import localize, localize_subsets
+    from memcore.models import load_pipeline
+    from memcore.ops import use_backend
+
+    pipe = load_pipeline("tiny", device="cuda", dtype="float32")
+    subsets = {"a": ["a fox", "the wave", "a man"], "b": ["the wave", "a cat", "a dog"]}
+    config = LocalizeConfig(timesteps=2, sparsity=0.05, batch_size=4, progress=False)
+    with use_backend(backend):
+        together = localize_subsets(pipe, subsets, config)
+        for name, prompts in subsets.items():
+            _, stats = localize(pipe, prompts, config)
+            for layer in stats.layers:
+                torch.testing.assert_close(together[name][1].mem[layer], stats.mem[layer], rtol=1e-4, atol=1e-6)

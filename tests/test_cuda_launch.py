@@ -2,7 +2,7 @@
 against the static shared memory the built library's kernels really have (read with cuobjdump), the
 probe that keeps the backend off devices it cannot run on, and the checked CUDA errors.
 
-The kernels themselves run in tests/test_cuda.py, on a GPU.
+The kernels themselves run in tests/test_<op>.py, on every backend (the cuda one on a GPU).
 """
 
 from __future__ import annotations

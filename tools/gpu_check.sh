@@ -13,7 +13,7 @@
 #    start, build included, default 400): a phase gets at most its cap and never the minimum time
 #    kept for the phases after it; one with too little time left is skipped (NOT-RUN). Phases that
 #    time nothing share the machine; the benchmarks run alone, last.
-#      stage 1: a. tests (tests/test_cuda.py, tests/test_triton.py, then the suites whose defaults
+#      stage 1: a. tests (one file per op over every backend, the kernel code, the capture, then the suites whose defaults
 #                  become CUDA on a GPU machine), every failure listed, in parallel with
 #               b. compute-sanitizer memcheck, racecheck, synccheck over tools/gpu_sanitize.py;
 #      stage 2: c. determinism (ops twice on SD 1.5 sizes; memcore localize on tiny twice) and
@@ -50,7 +50,7 @@ fi
 # where they exist), then suites whose default device becomes CUDA (float16)
 # on a GPU machine (CLI, generate, targets, families, capture, examples) or that check CUDA stays
 # uninitialized (lean import); overridable, e.g. for a dry run
-TESTS=${MEMCORE_GPU_CHECK_TESTS:-tests/test_cuda.py tests/test_triton.py tests/test_cuda_launch.py tests/test_cli.py tests/test_generate.py tests/test_targets.py tests/test_families.py tests/test_capture.py tests/test_lean_import.py tests/test_examples.py}
+TESTS=${MEMCORE_GPU_CHECK_TESTS:-tests/test_sqnorm_accumulate.py tests/test_geglu_accumulate.py tests/test_wanda_mask.py tests/test_prune_mask.py tests/test_kernel_code.py tests/test_cuda_launch.py tests/test_capture.py tests/test_compile.py tests/test_cli.py tests/test_generate.py tests/test_targets.py tests/test_families.py tests/test_lean_import.py tests/test_examples.py}
 TESTS=$(for f in $TESTS; do [[ -e $f ]] && echo "$f"; done)  # files this checkout has
 FAMILIES=${MEMCORE_GPU_CHECK_FAMILIES:-tiny tiny-sd2 tiny-sdxl tiny-pixart tiny-sd3}
 MIN_PHASE=10  # a phase with less time than this is skipped

@@ -64,9 +64,10 @@ def prune_mask(
     if norms.device != weight.device:
         raise ValueError(f"prune_mask: norms is on {norms.device} but weight is on {weight.device}")
     norms = norms.reshape(-1, in_features).to(torch.float32)
+    # column norms are >= 0; a negative one would rank |W| x norm differently in the two modes
+    if bool((norms < 0).any()):
+        raise ValueError(f"prune_mask: {'squared ' if squared else ''}norms must not be negative")
     if squared:
-        if bool((norms < 0).any()):
-            raise ValueError("prune_mask: squared norms must not be negative")
         norms = norms.sqrt()
     structured = n != 0 or m != 0
     if structured:

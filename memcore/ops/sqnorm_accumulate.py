@@ -87,4 +87,4 @@ def sqnorm_accumulate(
 
 @sqnorm_accumulate.register_fake
 def _(x, acc, row_start=0, row_end=None, token_norm=True) -> None:
-    return None
+    _validate(x, acc, row_start, row_end)  # metadata only: a traced call fails as an eager one would

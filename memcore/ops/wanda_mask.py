@@ -126,6 +126,8 @@ def _native_inputs(weight, norms, null_norms):
 
 
 def _native(weight, norms, null_norms, k, largest):
+    if weight.shape[0] == 0:  # no rows for the kernel to read: the norms are checked here
+        return _reference(weight, norms, null_norms, k, largest)
     weight, norms, null_norms, mask = _native_inputs(weight, norms, null_norms)
     out, in_features = weight.shape
     flags = torch.zeros(1, dtype=torch.int32, device=weight.device)  # the kernels OR the BAD_* bits in
@@ -211,12 +213,13 @@ def nonfinite_flags(weight: torch.Tensor, norms: torch.Tensor, null_norms: torch
 
 
 def _raise_nonfinite(flags: torch.Tensor, op: str = "wanda_mask") -> None:
-    """Raise for the first layer whose flag word is set (``flags``: int32, one word per layer)."""
+    """Raise for the first layer whose flag word is set (``flags``: int32, one word per layer; the
+    grouped op names the layer)."""
     words = flags.tolist()
     for layer, bad in enumerate(words):
         if bad:
             names = [name for bit, name in _BAD_NAMES if bad & bit]
-            where = f"layer {layer}: " if len(words) > 1 else ""
+            where = f"layer {layer}: " if op == "wanda_mask_grouped" else ""
             raise ValueError(f"{op}: {where}{' and '.join(names)} {'contains' if len(names) == 1 else 'contain'} NaN or inf")
 
 
@@ -257,7 +260,9 @@ GROUPED_OP_NAME = "memcore::wanda_mask_grouped"
 
 def _grouped_native(weights, norms, null_norms, ks, largest):
     device = weights[0].device
-    if device.type != "cpu":  # no grouped CUDA kernel yet: one launch per layer
+    # no grouped CUDA kernel yet: one launch per layer; a layer without rows has nothing for the
+    # kernel to read, its norms are checked with torch ops
+    if device.type != "cpu" or any(w.shape[0] == 0 for w in weights):
         return _each(_native)(weights, norms, null_norms, ks, largest)
     ws, ns, nulls, masks = zip(*(_native_inputs(w, n, None if null_norms is None else null_norms[i])
                                  for i, (w, n) in enumerate(zip(weights, norms))))
