@@ -123,7 +123,7 @@ def normalized_squares(x, c, inv_s):
 
 
 @triton.jit
-def _chunk_partials_kernel(
+def _column_partials_kernel(
     x_ptr,
     norm_ptr,
     ws_ptr,
@@ -132,12 +132,15 @@ def _chunk_partials_kernel(
     cols,
     stride_row,
     TOKEN_NORM: tl.constexpr,
+    WHOLE_ROWS: tl.constexpr,
     COMPUTE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Wide rows: program (p, q) writes the sums over its tiles of columns [q BLOCK_C, (q + 1) BLOCK_C)
-    to ws[p, those columns], normalizing with the (c, inv_s) of the first pass if TOKEN_NORM."""
+    """Program (p, q) writes the sums over its tiles (p, p + P, ...) of columns [q BLOCK_C, (q + 1)
+    BLOCK_C) to ws[p, those columns]. With TOKEN_NORM each row is normalized: by its own norm when a
+    tile holds whole rows (WHOLE_ROWS: x is read exactly once), else with the (c, inv_s) that a first
+    pass over the wide rows left in norm[0, i], norm[1, i]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n = row_end - row_start
@@ -151,8 +154,11 @@ def _chunk_partials_kernel(
         ptrs = x_ptr + (row_start + i).to(tl.int64)[:, None] * stride_row + cc[None, :]
         x = upcast(tl.load(ptrs, mask=r_mask[:, None] & c_mask[None, :], other=0.0))
         if TOKEN_NORM:
-            c = tl.load(norm_ptr + i, mask=r_mask, other=1.0)
-            inv_s = tl.load(norm_ptr + n + i, mask=r_mask, other=0.0)
+            if WHOLE_ROWS:
+                c, inv_s = row_norm(x, r_mask)
+            else:
+                c = tl.load(norm_ptr + i, mask=r_mask, other=1.0)
+                inv_s = tl.load(norm_ptr + n + i, mask=r_mask, other=0.0)
             sq = normalized_squares(x, c, inv_s)
         else:
             sq = x * x
@@ -189,24 +195,33 @@ def add_partials(ws: torch.Tensor, acc: torch.Tensor) -> None:
     _add_partials_kernel[(triton.cdiv(cols, REDUCE_BLOCK),)](ws, acc, ws.shape[0], cols, BLOCK=REDUCE_BLOCK)
 
 
-def wide_partials(
-    x2d: torch.Tensor, norm: torch.Tensor | None, row_start: int, row_end: int, compute, block_r: int, block_c: int
+def column_partials(
+    x2d: torch.Tensor,
+    norm: torch.Tensor | None,
+    row_start: int,
+    row_end: int,
+    token_norm: bool,
+    compute,
+    block_r: int,
+    block_c: int,
 ) -> torch.Tensor:
-    """The workspace of ``_chunk_partials_kernel`` for rows [row_start, row_end) of x2d (inside the guard);
-    ``norm`` holds the rows' (c, inv_s) with token_norm, None without."""
+    """The workspace of ``_column_partials_kernel`` for rows [row_start, row_end) of x2d (call inside
+    the device guard). Rows of at most ``block_c`` columns are normalized by their own norm; wider ones
+    (token_norm) with the (c, inv_s) in ``norm`` from a first pass."""
     rows, cols = row_end - row_start, x2d.shape[1]
     chunks = triton.cdiv(cols, block_c)
     n_programs = max(1, programs(x2d.device, rows, block_r) // chunks)
     ws = workspace(n_programs, cols, compute, x2d.device)
-    _chunk_partials_kernel[(n_programs, chunks)](
+    _column_partials_kernel[(n_programs, chunks)](
         x2d,
-        x2d if norm is None else norm,  # a dummy pointer without token_norm
+        x2d if norm is None else norm,  # a dummy pointer where no first pass ran
         ws,
         row_start,
         row_end,
         cols,
         x2d.stride(0),
-        TOKEN_NORM=norm is not None,
+        TOKEN_NORM=bool(token_norm),
+        WHOLE_ROWS=chunks == 1,
         COMPUTE=compute,
         BLOCK_R=block_r,
         BLOCK_C=block_c,
@@ -215,3 +230,23 @@ def wide_partials(
     return ws
 
 
+def check_rows_and_acc(
+    op: str, name: str, x2d: torch.Tensor, acc: torch.Tensor, row_start: int, row_end: int, halves: bool = False
+) -> None:
+    """The launchers' checks: ``x2d`` row-major 2-D of a dtype the kernels take (``halves``: an even
+    number of columns, [h | g]); ``acc`` contiguous float32 with one entry per column (per half column)
+    on x2d's device; the row range within x2d's rows."""
+    if x2d.dim() != 2 or x2d.dtype not in TORCH_DTYPES or x2d.stride(1) != 1 or (halves and x2d.shape[1] % 2):
+        even = " with an even number of columns" if halves else ""
+        raise ValueError(
+            f"{op}: {name} must be a row-major 2-D float16/bfloat16/float32/float64 tensor{even}, "
+            f"got {x2d.dtype} of shape {tuple(x2d.shape)} and strides {x2d.stride()}"
+        )
+    features = x2d.shape[1] // 2 if halves else x2d.shape[1]
+    if acc.dtype != torch.float32 or acc.shape != (features,) or not acc.is_contiguous() or acc.device != x2d.device:
+        raise ValueError(
+            f"{op}: acc must be a contiguous float32 [{features}] on {x2d.device}, "
+            f"got {acc.dtype} of shape {tuple(acc.shape)} on {acc.device}"
+        )
+    if not 0 <= row_start <= row_end <= x2d.shape[0]:
+        raise ValueError(f"{op}: row range [{row_start}, {row_end}) does not fit {x2d.shape[0]} rows")

@@ -40,8 +40,9 @@ import triton
 import triton.language as tl
 
 from memcore._kernels._common import (
-    TORCH_DTYPES,
     add_partials,
+    check_rows_and_acc,
+    column_partials,
     compute_dtype,
     finish_norm,
     normalized_squares,
@@ -49,7 +50,6 @@ from memcore._kernels._common import (
     running_norm,
     torch_dtype,
     upcast,
-    wide_partials,
     workspace,
 )
 from memcore._kernels._launch import MAX_BLOCK_COLS, blocks, device_guard, num_warps, programs
@@ -189,19 +189,8 @@ def geglu_accumulate_triton(
     ``max_block_cols`` (a power of two) is the widest row kept as one block; tests lower it to run
     the chunked path on small shapes.
     """
-    if p2d.dim() != 2 or p2d.dtype not in TORCH_DTYPES or p2d.stride(1) != 1 or p2d.shape[1] % 2 != 0:
-        raise ValueError(
-            "geglu_accumulate_triton: p2d must be a row-major 2-D float16/bfloat16/float32/float64 tensor "
-            f"with an even number of columns, got {p2d.dtype} of shape {tuple(p2d.shape)} and strides {p2d.stride()}"
-        )
+    check_rows_and_acc("geglu_accumulate_triton", "p2d", p2d, acc, row_start, row_end, halves=True)
     rows, inner = p2d.shape[0], p2d.shape[1] // 2
-    if acc.dtype != torch.float32 or acc.shape != (inner,) or not acc.is_contiguous() or acc.device != p2d.device:
-        raise ValueError(
-            f"geglu_accumulate_triton: acc must be a contiguous float32 [{inner}] on {p2d.device}, "
-            f"got {acc.dtype} of shape {tuple(acc.shape)} on {acc.device}"
-        )
-    if not 0 <= row_start <= row_end <= rows:
-        raise ValueError(f"geglu_accumulate_triton: row range [{row_start}, {row_end}) does not fit {rows} rows")
     out = torch.empty((rows, inner), dtype=p2d.dtype, device=p2d.device)
     if rows == 0 or inner == 0:
         return out
@@ -232,5 +221,5 @@ def geglu_accumulate_triton(
             )
             if n > 0:
                 _, block_r, block_c = blocks(n, inner, max_block_cols)
-                add_partials(wide_partials(out, norm, row_start, row_end, compute, block_r, block_c), acc)
+                add_partials(column_partials(out, norm, row_start, row_end, token_norm, compute, block_r, block_c), acc)
     return out

@@ -49,54 +49,16 @@ import triton
 import triton.language as tl
 
 from memcore._kernels._common import (
-    TORCH_DTYPES,
     add_partials,
+    check_rows_and_acc,
+    column_partials,
     compute_dtype,
     finish_norm,
-    normalized_squares,
-    row_norm,
     running_norm,
     torch_dtype,
     upcast,
-    wide_partials,
-    workspace,
 )
 from memcore._kernels._launch import MAX_BLOCK_COLS, blocks, device_guard, num_warps, programs
-
-
-@triton.jit
-def _sqnorm_tiles_kernel(
-    x_ptr,
-    ws_ptr,
-    row_start,
-    row_end,
-    cols,
-    stride_row,
-    TOKEN_NORM: tl.constexpr,
-    COMPUTE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """Rows of at most BLOCK_C columns: program p writes its column sums to ws[p, :cols]."""
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
-    n_tiles = tl.cdiv(row_end - row_start, BLOCK_R)
-    r_off = tl.arange(0, BLOCK_R)
-    c_off = tl.arange(0, BLOCK_C)
-    c_mask = c_off < cols
-    partial = tl.zeros([BLOCK_C], dtype=tl.float64)
-    for tile in range(pid, n_tiles, nprog):
-        rows = row_start + tile * BLOCK_R + r_off
-        r_mask = rows < row_end
-        ptrs = x_ptr + rows.to(tl.int64)[:, None] * stride_row + c_off[None, :]
-        x = upcast(tl.load(ptrs, mask=r_mask[:, None] & c_mask[None, :], other=0.0))
-        if TOKEN_NORM:
-            c, inv_s = row_norm(x, r_mask)
-            sq = normalized_squares(x, c, inv_s)
-        else:
-            sq = x * x
-        partial += tl.sum(sq, axis=0).to(tl.float64)
-    tl.store(ws_ptr + pid.to(tl.int64) * cols + c_off, partial.to(COMPUTE), mask=c_mask)
 
 
 @triton.jit
@@ -146,57 +108,27 @@ def sqnorm_accumulate_triton(
     ``max_block_cols`` (a power of two) is the widest row kept as one block; tests lower it to run
     the chunked path on small shapes.
     """
-    if x2d.dim() != 2 or x2d.dtype not in TORCH_DTYPES or x2d.stride(1) != 1:
-        raise ValueError(
-            "sqnorm_accumulate_triton: x2d must be a row-major 2-D float16/bfloat16/float32/float64 tensor, "
-            f"got {x2d.dtype} of shape {tuple(x2d.shape)} and strides {x2d.stride()}"
-        )
-    rows, cols = x2d.shape
-    if acc.dtype != torch.float32 or acc.shape != (cols,) or not acc.is_contiguous() or acc.device != x2d.device:
-        raise ValueError(
-            f"sqnorm_accumulate_triton: acc must be a contiguous float32 [{cols}] on {x2d.device}, "
-            f"got {acc.dtype} of shape {tuple(acc.shape)} on {acc.device}"
-        )
-    if not 0 <= row_start <= row_end <= rows:
-        raise ValueError(f"sqnorm_accumulate_triton: row range [{row_start}, {row_end}) does not fit {rows} rows")
+    check_rows_and_acc("sqnorm_accumulate_triton", "x2d", x2d, acc, row_start, row_end)
+    cols = x2d.shape[1]
     n = row_end - row_start
     if n == 0 or cols == 0:
         return
     compute = compute_dtype(x2d.dtype)
     chunked, block_r, block_c = blocks(n, cols, max_block_cols)
-    warps = num_warps(block_r, block_c)
     with device_guard(x2d.device):
-        if not chunked:
-            n_programs = programs(x2d.device, n, block_r)
-            ws = workspace(n_programs, cols, compute, x2d.device)
-            _sqnorm_tiles_kernel[(n_programs,)](
+        norm = None
+        if chunked and token_norm:  # a first pass for the scale and norm of the wide rows
+            norm = torch.empty((2, n), dtype=torch_dtype(compute), device=x2d.device)
+            _sqnorm_row_norms_kernel[(programs(x2d.device, n, block_r),)](
                 x2d,
-                ws,
+                norm,
                 row_start,
                 row_end,
                 cols,
                 x2d.stride(0),
-                TOKEN_NORM=bool(token_norm),
                 COMPUTE=compute,
                 BLOCK_R=block_r,
                 BLOCK_C=block_c,
-                num_warps=warps,
+                num_warps=num_warps(block_r, block_c),
             )
-        else:
-            norm = None
-            if token_norm:
-                norm = torch.empty((2, n), dtype=torch_dtype(compute), device=x2d.device)
-                _sqnorm_row_norms_kernel[(programs(x2d.device, n, block_r),)](
-                    x2d,
-                    norm,
-                    row_start,
-                    row_end,
-                    cols,
-                    x2d.stride(0),
-                    COMPUTE=compute,
-                    BLOCK_R=block_r,
-                    BLOCK_C=block_c,
-                    num_warps=warps,
-                )
-            ws = wide_partials(x2d, norm, row_start, row_end, compute, block_r, block_c)
-        add_partials(ws, acc)
+        add_partials(column_partials(x2d, norm, row_start, row_end, token_norm, compute, block_r, block_c), acc)

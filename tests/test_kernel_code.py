@@ -209,7 +209,7 @@ def compiled():
     return dict(zip(_COMPILE_CASES, json.loads(proc.stdout)))
 
 
-STAT_KERNELS = ("_sqnorm_tiles_kernel", "_sqnorm_row_norms_kernel", "_chunk_partials_kernel", "_add_partials_kernel")
+STAT_KERNELS = ("_column_partials_kernel", "_sqnorm_row_norms_kernel", "_add_partials_kernel")
 
 
 @pytest.mark.slow
@@ -226,16 +226,19 @@ def test_compiled_kernels_fit_shared_memory(compiled):
 
 @pytest.mark.slow
 def test_compiled_division_is_ieee(compiled):
-    """No approximate division or root anywhere; every kernel that normalizes rows divides with
+    """No approximate division or root anywhere; every kernel that works out row norms divides with
     div.rn (float32) or float64's div.rn."""
-    normalizing = {"_sqnorm_tiles_kernel", "_sqnorm_row_norms_kernel", "_geglu_tiles_kernel", "_geglu_rows_kernel"}
+    normalizing = {"_sqnorm_row_norms_kernel", "_geglu_tiles_kernel", "_geglu_rows_kernel"}
     approximate = ("div.full", "div.approx", "rcp.approx", "sqrt.approx")
     checked = 0
     for case, kernels in compiled.items():
         for kernel in kernels:
             approx = [op for op in kernel["ops"] if op.startswith(approximate)]
             assert not approx, (case, kernel)
-            if kernel["kernel"] in normalizing and kernel["constants"].get("TOKEN_NORM", "True") == "True":
+            own_norm = kernel["kernel"] in normalizing or (
+                kernel["kernel"] == "_column_partials_kernel" and kernel["constants"].get("WHOLE_ROWS") == "True"
+            )
+            if own_norm and kernel["constants"].get("TOKEN_NORM", "True") == "True":
                 wanted = "div.rn.f64" if "fp64" in case else "div.rn.f32"
                 assert wanted in kernel["ops"], (case, kernel)
                 checked += 1
