@@ -75,3 +75,22 @@ def mask_blocks(out_features: int, in_features: int) -> tuple[int, int]:
 def mask_num_warps(rows: int, block: int) -> int:
     """One warp per 256 elements of the block (8 a thread), 16 at the most."""
     return max(1, min(16, rows * block // 256))
+
+
+# The mask kernel's candidate filter: groups of MASK_GROUP columns, and room for up to
+# MASK_CANDIDATES_PER_K x k candidates a row (a power of two, at most a quarter of the row).
+MASK_GROUP = 32
+MASK_CANDIDATES_PER_K = 4
+MIN_MASK_CAP = 64
+
+
+def mask_filter(block: int, k: int) -> tuple[int, int]:
+    """(GROUPS, CAP) of the mask kernel's candidate filter for rows of ``block`` columns, or (0, 0)
+    where it does not pay: k beyond the number of groups, or no fewer slots than a quarter row."""
+    groups = block // MASK_GROUP
+    if k < 1 or k > groups:
+        return 0, 0
+    cap = max(MIN_MASK_CAP, triton.next_power_of_2(MASK_CANDIDATES_PER_K * k))
+    if cap > block // 4:
+        return 0, 0
+    return groups, cap

@@ -731,6 +731,25 @@ def with_bad_weights(weight: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("largest", [True, False], ids=["largest", "smallest"])
+@pytest.mark.parametrize("backend", backends(OP, only=("triton",)))
+def test_triton_candidate_filter(backend, largest):
+    """The Triton kernel's candidate filter (a bound from group maxima, the search over the packed
+    candidates) on both of its paths: rows whose candidates fit the scratch slots, and a block where
+    a row of ties has more candidates than slots and the block searches whole rows."""
+    from memcore._kernels._launch import mask_blocks, mask_filter
+
+    out, cols = 4, 1000
+    rows, block = mask_blocks(out, cols)
+    for k in (1, 3, 17, 31):
+        assert mask_filter(block, k) != (0, 0), k  # the cases below do run the filter
+        weight, norms, null = mask_inputs(out, cols, 2, seed=k)
+        check(backend, weight, norms, null, k, largest)
+        weight[1] = 0.5  # one row of ties: every column a candidate, more than the slots
+        weight[2, ::3] = 2.0  # a third of a row tied at the top
+        check(backend, weight, norms, None, k, largest)
+
+
 @NON_FINITE_WARNINGS
 @pytest.mark.parametrize("backend", backends(OP, only=("triton",)))
 def test_triton_kernel_sets_the_flag_word(backend):
