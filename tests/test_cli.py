@@ -173,6 +173,30 @@ def test_not_a_mask_file(tmp_path, capsys):
     assert_user_error(capsys, work, ["prune", "--model", "tiny", "--mask", bogus, "--out", work / "p"], "safetensors")
 
 
+def test_localize_compile_runs_the_capture_compiled(tmp_path, capsys, prompt_file, monkeypatch):
+    """--compile runs the capture inside memcore.stats.compiled (recorded here, not compiled:
+    tests/test_compile.py compiles and compares with eager)."""
+    import contextlib
+
+    import memcore.stats
+
+    seen = []
+
+    @contextlib.contextmanager
+    def recording(denoiser, enabled=True):
+        seen.append(enabled)
+        yield
+
+    monkeypatch.setattr(memcore.stats, "compiled", recording)
+    out = tmp_path / "mask.safetensors"
+    code, _, err = run(capsys, "localize", "--model", "tiny", "--prompts", prompt_file, "--out", out, "--compile", *FAST)
+    assert code == 0, err
+    assert seen == [True] and out.is_file()
+    code, _, err = run(capsys, "localize", "--model", "tiny", "--prompts", prompt_file, "--out", out, *FAST)
+    assert code == 0, err
+    assert seen == [True, False]
+
+
 def test_localize_subsets_writes_one_mask_per_subset(tmp_path, capsys):
     subsets = tmp_path / "subsets"
     subsets.mkdir()
