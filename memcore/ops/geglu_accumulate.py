@@ -32,11 +32,7 @@ OP_NAME = "memcore::geglu_accumulate"
 
 
 def geglu_accumulate_reference(
-    proj_out: torch.Tensor,
-    acc: torch.Tensor,
-    row_start: int = 0,
-    row_end: int | None = None,
-    token_norm: bool = True,
+    proj_out: torch.Tensor, acc: torch.Tensor, row_start: int = 0, row_end: int | None = None, token_norm: bool = True
 ) -> torch.Tensor:
     """The definition of the op: diffusers' GEGLU in P's dtype, then the float64 statistic of X."""
     hidden_states, gate = proj_out.chunk(2, dim=-1)
