@@ -87,39 +87,67 @@ def _inverse_norm(s, counted):
     return tl.where(counted, div_rn(tl.full(s.shape, 1.0, s.dtype), tl.where(counted, s, 1.0)), 0.0)
 
 
+# Row weights. Each row that counts gets a pair (c, w) with which normalized_squares gives its
+# x^2 / ||x||^2; rows that do not count get w = 0. For 16- and 32-bit inputs (float32 arithmetic) c
+# is the row's power-of-two scale and w = 1 / sum (c x)^2: no overflow or underflow anywhere. For
+# float64 inputs the arithmetic is the reference's own: c = 1, w = sum x^2 in float64, a row counts
+# iff w is positive and finite, and each square is divided by w (one IEEE division an element), so
+# rows whose float64 squared norm overflows or underflows are treated exactly as the reference
+# treats them.
+
+
+@triton.jit
+def _plain_weight(s, counted):
+    """float64 rows: w = s where the row counts (s positive and finite), else 0."""
+    return tl.where(counted & (s > 0.0) & (s < float("inf")), s, 0.0)
+
+
 @triton.jit
 def row_norm(x, r_mask):
-    """Per row of a [BLOCK_R, BLOCK_C] tile holding whole rows: (c, inv_s), the row's power-of-two scale
-    and 1 / sum (c x)^2; inv_s = 0 for rows outside r_mask, zero rows and rows with inf/NaN."""
-    mbits = tl.max(_magnitude_bits(x), axis=1)
-    c = _pow2_scale(mbits)
-    y = x * c[:, None]
-    return c, _inverse_norm(tl.sum(y * y, axis=1), r_mask & _counted(mbits))
+    """Per row of a [BLOCK_R, BLOCK_C] tile holding whole rows: its (c, w); w = 0 for rows outside
+    r_mask, zero rows and rows with inf/NaN."""
+    if x.dtype == tl.float64:
+        return tl.full([x.shape[0]], 1.0, tl.float64), _plain_weight(tl.sum(x * x, axis=1), r_mask)
+    else:
+        mbits = tl.max(_magnitude_bits(x), axis=1)
+        c = _pow2_scale(mbits)
+        y = x * c[:, None]
+        return c, _inverse_norm(tl.sum(y * y, axis=1), r_mask & _counted(mbits))
 
 
 @triton.jit
 def running_norm(mbits, s, x):
     """Fold a [BLOCK_R, BLOCK_C] chunk x of rows into their running (mbits, s): the bits of the largest
-    magnitude so far and s = sum (c x)^2 for the scale c of mbits. Start from (0, 0)."""
-    new_bits = tl.maximum(mbits, tl.max(_magnitude_bits(x), axis=1))
-    c = _pow2_scale(new_bits)
-    ratio = div_rn(c, _pow2_scale(mbits))  # a power of two (or its underflow): exact
-    y = x * c[:, None]
-    return new_bits, s * ratio * ratio + tl.sum(y * y, axis=1)
+    magnitude so far and s = sum (c x)^2 for the scale c of mbits (float64: s = sum x^2, mbits
+    unused). Start from (0, 0)."""
+    if x.dtype == tl.float64:
+        return mbits, s + tl.sum(x * x, axis=1)
+    else:
+        new_bits = tl.maximum(mbits, tl.max(_magnitude_bits(x), axis=1))
+        c = _pow2_scale(new_bits)
+        ratio = div_rn(c, _pow2_scale(mbits))  # a power of two (or its underflow): exact
+        y = x * c[:, None]
+        return new_bits, s * ratio * ratio + tl.sum(y * y, axis=1)
 
 
 @triton.jit
 def finish_norm(mbits, s, r_mask):
-    """(c, inv_s) of rows from their final running (mbits, s), as :func:`row_norm` gives them."""
-    return _pow2_scale(mbits), _inverse_norm(s, r_mask & _counted(mbits))
+    """(c, w) of rows from their final running (mbits, s), as :func:`row_norm` gives them."""
+    if s.dtype == tl.float64:
+        return tl.full(s.shape, 1.0, tl.float64), _plain_weight(s, r_mask)
+    else:
+        return _pow2_scale(mbits), _inverse_norm(s, r_mask & _counted(mbits))
 
 
 @triton.jit
-def normalized_squares(x, c, inv_s):
-    """x^2 / ||x||^2 per element of a tile from its rows' (c, inv_s); exactly 0 in rows not counted
+def normalized_squares(x, c, w):
+    """x^2 / ||x||^2 per element of a tile from its rows' (c, w); exactly 0 in rows not counted
     (whose x may be inf or NaN)."""
-    y = x * c[:, None]
-    return tl.where(inv_s[:, None] > 0.0, y * y * inv_s[:, None], 0.0)
+    if x.dtype == tl.float64:
+        return tl.where(w[:, None] > 0.0, (x * x) / tl.where(w > 0.0, w, 1.0)[:, None], 0.0)
+    else:
+        y = x * c[:, None]
+        return tl.where(w[:, None] > 0.0, y * y * w[:, None], 0.0)
 
 
 @triton.jit

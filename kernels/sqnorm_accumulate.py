@@ -7,7 +7,9 @@ Math, for the rows r of ``x2d`` with ``row_start <= r < row_end`` and every colu
 
 Arithmetic is float32 in registers for 16- and 32-bit inputs, float64 for float64 inputs.
 
-Row normalization without overflow, underflow or an approximate division: the largest magnitude of
+Row normalization of 16- and 32-bit inputs without overflow, underflow or an approximate division
+(float64 inputs follow the reference's own arithmetic instead: the float64 sum of squares, a row
+counting iff it is positive and finite, each square divided by it): the largest magnitude of
 a row is found as an integer maximum of the bit patterns of ``|x|`` (their integer order is the
 order of the magnitudes, +inf above every finite value and NaN above +inf, so the maximum also says
 whether the row is zero or not finite). From its exponent comes a power of two ``c`` (a normal
@@ -18,9 +20,7 @@ per-element path has no division at all, so no approximate division is kept anyw
 the compiled PTX is checked for it (tests/test_kernel_code.py). The per-element result,
 ``(y * y) * (1 / s)``, is two roundings from the exact ratio instead of the reference's one, well
 within the float32 statistic's own error. A row counts iff its maximum magnitude is positive and
-finite, which for 16- and 32-bit inputs is exactly the reference's "squared norm (float64) > 0 and
-finite" (for float64 inputs the reference's float64 squared norm itself overflows beyond ~1e154
-and underflows below ~1e-162; the kernel counts such finite nonzero rows, as the exact rule says).
+finite, which for these inputs is exactly the reference's "squared norm (float64) > 0 and finite".
 
 Memory layout: ``x2d`` is row-major ``[rows, cols]`` with row stride ``stride_row`` elements and
 unit column stride, any of float16/bfloat16/float32/float64; ``acc`` is a contiguous float32

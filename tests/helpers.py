@@ -88,12 +88,6 @@ def skip_on_interpreter(backend: str, what: str) -> None:
         pytest.skip(f"{what}: too slow for Triton's interpreter; runs on a GPU")
 
 
-def with_mark(params: list, names: str | tuple[str, ...], mark) -> list:
-    """``params`` (from :func:`backends`) with ``mark`` added to the backends in ``names``."""
-    names = (names,) if isinstance(names, str) else names
-    return [pytest.param(*p.values, id=p.id, marks=[*p.marks, mark]) if p.values[0] in names else p for p in params]
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``a`` and ``b`` hold the same bytes (NaN payloads and signed zeros included)."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

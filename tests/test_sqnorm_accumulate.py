@@ -37,7 +37,6 @@ from helpers import (  # noqa: F401 (smem_fallback: a fixture, used by name)
     smem_fallback,
     special_rows,
     statistic,
-    with_mark,
 )
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -280,15 +279,7 @@ def test_rows_that_do_not_count_add_nothing(backend, dtype):
     assert same_bits(run_sqnorm(backend, torch.zeros(5, 40, dtype=dtype), torch.zeros(40)), torch.zeros(40))
 
 
-TRITON_COUNTS_THEM = pytest.mark.xfail(
-    strict=True,
-    reason="the Triton kernel scales each row before squaring, so it counts float64 rows whose float64 "
-    "squared norm overflows or underflows and adds their exact xhat^2, where the reference (the "
-    "definition, docs/method.md section 2) and the C++/CUDA kernels drop them or round as it does",
-)
-
-
-@pytest.mark.parametrize("backend", with_mark(BACKENDS, "triton", TRITON_COUNTS_THEM))
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", BEYOND_FLOAT64_SQUARES)
 def test_float64_rows_whose_squares_leave_float64(backend, kind):
     """float64 rows near 1e200 (squares overflow), 1e-310 (squares underflow to 0) and 1e-160
