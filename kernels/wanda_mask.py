@@ -40,6 +40,13 @@ to check the values, without selecting anything.
 
 Arithmetic is exact: products, comparisons and integer operations, no division.
 
+Layers: the kernel reads its layers from an int64 table, a row a layer (the addresses of W, the
+norms, the null norms and the mask, the shape, k, W's strides, and the first program of the layer);
+program p takes ROWS rows of the last layer whose first program is <= p, and sets that layer's flag
+word. One launch serves every layer of one weight dtype and one row block, so
+:func:`wanda_mask_grouped_triton` launches once per (dtype, BLOCK) (SD 1.5's 16 layers: three), and
+:func:`wanda_mask_triton` is a launch of one layer.
+
 Memory layout: ``weight`` any float dtype with strides (stride_wr, stride_wc); ``norms`` and
 ``null_norms`` contiguous float32 ``[T, in]``; the output is ``uint8[out, ceil(in / 8)]`` row-major,
 bit i (least significant first) of byte b holding column ``8 b + i``, padding bits zero.
@@ -138,37 +145,58 @@ def _nonfinite(v):
     return tl.max(tl.max(((v != v) | (tl.abs(v) == float("inf"))).to(tl.int32), axis=1), axis=0)
 
 
+# Columns of the layer table (int64 [layers, FIELDS]) that the kernel reads its layer from.
+(W_ADDR, NORMS_ADDR, NULL_ADDR, OUT_ADDR, OUT_FEATURES, IN_FEATURES, K, STRIDE_WR, STRIDE_WC, FIRST_PROGRAM) = (
+    tl.constexpr(column) for column in range(10)
+)
+FIELDS = tl.constexpr(10)
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+@triton.jit
+def _field(entry, column: tl.constexpr):
+    return tl.load(entry + column)
+
+
 @triton.jit
 def _wanda_mask_kernel(
-    w_ptr,
-    norms_ptr,
-    null_ptr,
-    out_ptr,
+    table_ptr,
     flags_ptr,
     scratch_ptr,
-    out_features,
-    in_features,
+    n_layers,
     n_t,
-    k,
-    stride_wr,
-    stride_wc,
-    nbytes,
+    W_DTYPE: tl.constexpr,
+    LAYERS: tl.constexpr,
     HAS_NULL: tl.constexpr,
     LARGEST: tl.constexpr,
-    SELECT: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
     FILTER: tl.constexpr,
     GROUPS: tl.constexpr,
     CAP: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    scratch = scratch_ptr + tl.program_id(0).to(tl.int64) * (ROWS * CAP)  # this program's candidate rows
+    """Program p takes ROWS rows of the layer whose programs start at or before p (the table's
+    FIRST_PROGRAM column, increasing); every layer of the launch has rows of at most BLOCK columns."""
+    pid = tl.program_id(0)
+    li = tl.arange(0, LAYERS)
+    firsts = tl.load(table_ptr + li * FIELDS + FIRST_PROGRAM, mask=li < n_layers, other=1 << 62)
+    layer = tl.sum((firsts <= pid).to(tl.int32), axis=0) - 1
+    entry = table_ptr + layer * FIELDS
+    w_ptr = _field(entry, W_ADDR).to(tl.pointer_type(W_DTYPE), bitcast=True)
+    norms_ptr = _field(entry, NORMS_ADDR).to(tl.pointer_type(tl.float32), bitcast=True)
+    out_ptr = _field(entry, OUT_ADDR).to(tl.pointer_type(tl.uint8), bitcast=True)
+    out_features = _field(entry, OUT_FEATURES)
+    in_features = _field(entry, IN_FEATURES)
+    k = _field(entry, K).to(tl.int32)
+    nbytes = (in_features + 7) // 8
+    rows = (pid - _field(entry, FIRST_PROGRAM)) * ROWS + tl.arange(0, ROWS)
+    scratch = scratch_ptr + pid.to(tl.int64) * (ROWS * CAP)  # this program's candidate rows
     col = tl.arange(0, BLOCK)
     r_mask = rows < out_features
     c_mask = col < in_features
     valid = r_mask[:, None] & c_mask[None, :]
-    w = tl.load(w_ptr + rows[:, None] * stride_wr + col[None, :] * stride_wc, mask=valid, other=0.0)
+    w_offsets = rows[:, None] * _field(entry, STRIDE_WR) + col[None, :] * _field(entry, STRIDE_WC)
+    w = tl.load(w_ptr + w_offsets, mask=valid, other=0.0)
     w32 = upcast(w).to(tl.float32)  # exact for 16-bit weights, NaN and inf included
     # a float64 weight is checked as it is: beyond float32's range is not NaN or inf
     bad = _nonfinite(w if w.dtype == tl.float64 else w32) * BAD_WEIGHT
@@ -178,9 +206,10 @@ def _wanda_mask_kernel(
         norm = tl.load(norms_ptr + t * in_features + col, mask=c_mask, other=0.0)
         bad |= _nonfinite(norm[None, :]) * BAD_NORMS
         if HAS_NULL:
+            null_ptr = _field(entry, NULL_ADDR).to(tl.pointer_type(tl.float32), bitcast=True)
             null = tl.load(null_ptr + t * in_features + col, mask=c_mask, other=0.0)
             bad |= _nonfinite(null[None, :]) * BAD_NULL_NORMS
-        if SELECT:
+        if k > 0:
             s_mem = abs_w * norm[None, :]
             key = _order_key(s_mem, LARGEST)
             if FILTER:
@@ -193,15 +222,34 @@ def _wanda_mask_kernel(
             mask = mask | selected
     # an integer OR: the same word whatever order the programs finish in; only programs that found
     # something touch it
-    tl.atomic_or(flags_ptr, bad, mask=bad != 0)
-    if SELECT:
-        # pack: column 8 b + i -> bit i of byte b
-        bits = tl.reshape(mask.to(tl.int32), [ROWS, BLOCK // 8, 8]) << tl.arange(0, 8)[None, None, :]
-        packed = tl.sum(bits, axis=2).to(tl.uint8)
-        byte = tl.arange(0, BLOCK // 8)
-        tl.store(
-            out_ptr + rows[:, None] * nbytes + byte[None, :], packed, mask=r_mask[:, None] & (byte < nbytes)[None, :]
+    tl.atomic_or(flags_ptr + layer, bad, mask=bad != 0)
+    # pack: column 8 b + i -> bit i of byte b
+    bits = tl.reshape(mask.to(tl.int32), [ROWS, BLOCK // 8, 8]) << tl.arange(0, 8)[None, None, :]
+    packed = tl.sum(bits, axis=2).to(tl.uint8)
+    byte = tl.arange(0, BLOCK // 8)
+    tl.store(out_ptr + rows[:, None] * nbytes + byte[None, :], packed, mask=r_mask[:, None] & (byte < nbytes)[None, :])
+
+
+def _check(weight: torch.Tensor, norms: torch.Tensor, null_norms: torch.Tensor | None, k: int, where: str) -> None:
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"{where}weight must be a 2-D floating tensor, got {weight.dtype} of shape {tuple(weight.shape)}")
+    in_features = weight.shape[1]
+    if in_features > MAX_IN_FEATURES:
+        raise ValueError(f"{where}in_features={in_features} exceeds {MAX_IN_FEATURES}")
+    if norms.dtype != torch.float32 or norms.dim() != 2 or norms.shape[1] != in_features or norms.shape[0] < 1:
+        raise ValueError(
+            f"{where}norms must be float32 [T >= 1, {in_features}], got {norms.dtype} of shape {tuple(norms.shape)}"
         )
+    if null_norms is not None and (null_norms.dtype != torch.float32 or null_norms.shape != norms.shape):
+        raise ValueError(
+            f"{where}null_norms must be float32 of shape {tuple(norms.shape)}, "
+            f"got {null_norms.dtype} of shape {tuple(null_norms.shape)}"
+        )
+    for name, tensor in (("norms", norms), ("null_norms", null_norms)):
+        if tensor is not None and tensor.device != weight.device:
+            raise ValueError(f"{where}{name} is on {tensor.device} but weight is on {weight.device}")
+    if not 0 <= k <= in_features:
+        raise ValueError(f"{where}k must be in [0, {in_features}], got {k}")
 
 
 def wanda_mask_triton(
@@ -214,64 +262,69 @@ def wanda_mask_triton(
     """The packed mask ``uint8[out, ceil(in / 8)]`` of docs/method.md section 3 (see the module docstring) and the
     int32[1] flag word of the inputs holding NaN or inf (bits BAD_WEIGHT, BAD_NORMS, BAD_NULL_NORMS),
     both on weight's device; the kernel sets the flags while it reads the values for the mask."""
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(
-            "wanda_mask_triton: weight must be a 2-D floating tensor, "
-            f"got {weight.dtype} of shape {tuple(weight.shape)}"
-        )
-    out_features, in_features = weight.shape
-    if in_features > MAX_IN_FEATURES:
-        raise ValueError(f"wanda_mask_triton: in_features={in_features} exceeds {MAX_IN_FEATURES}")
-    if norms.dtype != torch.float32 or norms.dim() != 2 or norms.shape[1] != in_features or norms.shape[0] < 1:
-        raise ValueError(
-            f"wanda_mask_triton: norms must be float32 [T >= 1, {in_features}], "
-            f"got {norms.dtype} of shape {tuple(norms.shape)}"
-        )
-    if null_norms is not None and (null_norms.dtype != torch.float32 or null_norms.shape != norms.shape):
-        raise ValueError(
-            f"wanda_mask_triton: null_norms must be float32 of shape {tuple(norms.shape)}, "
-            f"got {null_norms.dtype} of shape {tuple(null_norms.shape)}"
-        )
-    for name, tensor in (("norms", norms), ("null_norms", null_norms)):
-        if tensor is not None and tensor.device != weight.device:
-            raise ValueError(f"wanda_mask_triton: {name} is on {tensor.device} but weight is on {weight.device}")
-    if not 0 <= k <= in_features:
-        raise ValueError(f"wanda_mask_triton: k must be in [0, {in_features}], got {k}")
-    nbytes = (in_features + BITS - 1) // BITS
-    select = k > 0 and out_features > 0
-    # k = 0 or no rows: nothing to select, but the values are still checked (one program at least)
-    out = (torch.empty if select else torch.zeros)((out_features, nbytes), dtype=torch.uint8, device=weight.device)
-    flags = torch.zeros(1, dtype=torch.int32, device=weight.device)
-    norms = norms.contiguous()
-    null = norms if null_norms is None else null_norms.contiguous()  # a dummy pointer without null norms
-    rows, block = mask_blocks(out_features, in_features)
-    n_programs = max(1, triton.cdiv(out_features, rows))
-    groups, cap = mask_filter(block, k if select else 0)
-    # per program, ROWS x CAP candidate keys (written and read by that program only)
-    scratch = torch.empty((n_programs * rows * cap,) if cap else (1,), dtype=torch.int32, device=weight.device)
-    with device_guard(weight.device):
-        _wanda_mask_kernel[(n_programs,)](
-            weight,
-            norms,
-            null,
-            out,
-            flags,
-            scratch,
-            out_features,
-            in_features,
-            norms.shape[0],
-            k,
-            weight.stride(0),
-            weight.stride(1),
-            nbytes,
-            HAS_NULL=null_norms is not None,
-            LARGEST=bool(largest),
-            SELECT=select,
-            ROWS=rows,
-            BLOCK=block,
-            FILTER=cap > 0,
-            GROUPS=max(groups, 1),
-            CAP=max(cap, 1),
-            num_warps=mask_num_warps(rows, block),
-        )
-    return out, flags
+    _check(weight, norms, null_norms, k, "wanda_mask_triton: ")
+    masks, flags = _launch([weight], [norms], None if null_norms is None else [null_norms], [k], largest)
+    return masks[0], flags
+
+
+def wanda_mask_grouped_triton(
+    weights: list[torch.Tensor],
+    norms: list[torch.Tensor],
+    null_norms: list[torch.Tensor] | None,
+    ks: list[int],
+    largest: bool = True,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """:func:`wanda_mask_triton` of many layers (one device, one T), and their int32 [layers] flag
+    words: one launch for all the layers whose weights share a dtype and a row block (SD 1.5's 16
+    layers: three launches, one per width)."""
+    for i, (w, n, k) in enumerate(zip(weights, norms, ks)):
+        _check(w, n, None if null_norms is None else null_norms[i], k, f"wanda_mask_grouped_triton: layer {i}: ")
+    return _launch(weights, norms, null_norms, ks, largest)
+
+
+def _launch(weights, norms, null_norms, ks, largest) -> tuple[list[torch.Tensor], torch.Tensor]:
+    device = weights[0].device
+    # other float types (float8...) are exactly float32 values, as the reference reads them
+    weights = [w if w.dtype in _TL_DTYPES else w.to(torch.float32) for w in weights]
+    masks = [torch.empty((w.shape[0], (w.shape[1] + BITS - 1) // BITS), dtype=torch.uint8, device=device) for w in weights]
+    flags = torch.zeros(len(weights), dtype=torch.int32, device=device)
+    norms = [n.contiguous() for n in norms]
+    nulls = None if null_norms is None else [n.contiguous() for n in null_norms]
+    launches: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        launches.setdefault((w.dtype, mask_blocks(1, w.shape[1])[1]), []).append(i)
+    with device_guard(device):
+        for (dtype, block), layers in launches.items():
+            rows = max(mask_blocks(weights[i].shape[0], weights[i].shape[1])[0] for i in layers)
+            groups, cap = mask_filter(block, max(ks[i] for i in layers))
+            table, first = [], 0
+            for i in layers:
+                w, null = weights[i], (None if nulls is None else nulls[i])
+                table.append([
+                    w.data_ptr(), norms[i].data_ptr(), 0 if null is None else null.data_ptr(), masks[i].data_ptr(),
+                    w.shape[0], w.shape[1], ks[i], w.stride(0), w.stride(1), first,
+                ])
+                first += max(1, triton.cdiv(w.shape[0], rows))  # no rows: one program still checks the norms
+            # per program, ROWS x CAP candidate keys (written and read by that program only)
+            scratch = torch.empty((first * rows * cap,) if cap else (1,), dtype=torch.int32, device=device)
+            layer_flags = flags[layers[0] : layers[0] + 1] if len(layers) == 1 else torch.zeros(len(layers), dtype=torch.int32, device=device)
+            _wanda_mask_kernel[(first,)](
+                torch.tensor(table, dtype=torch.int64).to(device),
+                layer_flags,
+                scratch,
+                len(layers),
+                norms[layers[0]].shape[0],
+                W_DTYPE=_TL_DTYPES[dtype],
+                LAYERS=triton.next_power_of_2(len(layers)),
+                HAS_NULL=nulls is not None,
+                LARGEST=bool(largest),
+                ROWS=rows,
+                BLOCK=block,
+                FILTER=cap > 0,
+                GROUPS=max(groups, 1),
+                CAP=max(cap, 1),
+                num_warps=mask_num_warps(rows, block),
+            )
+            if len(layers) > 1:
+                flags[layers] = layer_flags
+    return masks, flags

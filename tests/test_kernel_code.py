@@ -116,7 +116,7 @@ from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
 TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64",
-         torch.uint8: "u8", torch.int32: "i32"}
+         torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64"}
 OPS = re.compile(r"\b((?:div|rcp|sqrt|atom|red)\.[a-z0-9_.]+)")
 launches = []
 
@@ -137,7 +137,7 @@ def record(self, *args, grid, warmup, **kwargs):
 JITFunction.run = record
 from memcore._kernels.geglu_accumulate import geglu_accumulate_triton
 from memcore._kernels.sqnorm_accumulate import sqnorm_accumulate_triton
-from memcore._kernels.wanda_mask import wanda_mask_triton
+from memcore._kernels.wanda_mask import wanda_mask_grouped_triton, wanda_mask_triton
 
 results, compiled = [], {}
 for case in json.load(sys.stdin):
@@ -149,7 +149,13 @@ for case in json.load(sys.stdin):
         geglu_accumulate_triton(torch.ones(rows, 2 * cols, dtype=dtype), torch.zeros(cols), 0, rows, case["token_norm"])
     else:
         norms = torch.ones(case["t"], cols)
-        wanda_mask_triton(torch.ones(rows, cols, dtype=dtype), norms, norms if case["null"] else None, case["k"], True)
+        weight = torch.ones(rows, cols, dtype=dtype)
+        if case.get("layers", 1) == 1:
+            wanda_mask_triton(weight, norms, norms if case["null"] else None, case["k"], True)
+        else:  # one launch for layers of one width and dtype
+            count = case["layers"]
+            wanda_mask_grouped_triton([weight] * count, [norms] * count, [norms] * count if case["null"] else None,
+                                      [case["k"]] * count, True)
     kernels = []
     for fn, sig, consts, warps in launches:
         key = repr((fn.__name__, sorted(sig.items()), sorted((k, str(v)) for k, v in consts.items()), warps))
@@ -181,6 +187,7 @@ _COMPILE_CASES = {
     "wanda-fp32-4097": dict(op="wanda", dtype="float32", shape=[64, 4097], t=1, null=True, k=40),
     "wanda-bf16-1": dict(op="wanda", dtype="bfloat16", shape=[1, 1], t=1, null=False, k=1),
     "wanda-fp64-k0": dict(op="wanda", dtype="float64", shape=[64, 1280], t=2, null=False, k=0),
+    "wanda-grouped-fp16-5120": dict(op="wanda", dtype="float16", shape=[64, 5120], t=2, null=True, k=51, layers=6),
 }
 # what one block of an H100 / H200 may use
 SHARED_MEMORY_LIMIT = 232448

@@ -731,6 +731,31 @@ def with_bad_weights(weight: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+@pytest.mark.parametrize("backend", backends("wanda_mask_grouped", only=("triton",)))
+def test_triton_grouped_launches_once_per_width(backend, monkeypatch):
+    """Seven layers of three row widths and two dtypes: three launches, each over all its layers,
+    every mask the oracle's."""
+    from memcore._kernels import wanda_mask as module
+
+    kernel, launches = module._wanda_mask_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(module, "_wanda_mask_kernel", Spy())
+    shapes = [(6, 40), (3, 40), (5, 100), (4, 40), (2, 100), (0, 100), (3, 40)]
+    dtypes = [torch.float32] * 6 + [torch.float16]
+    ks = [4, 1, 9, 0, 3, 2, 5]
+    layers = [mask_inputs(out, cols, 2, seed=i, dtype=dtype) for i, ((out, cols), dtype) in enumerate(zip(shapes, dtypes))]
+    weights, norms, nulls = (list(column) for column in zip(*layers))
+    masks = run_grouped(backend, weights, norms, nulls, ks)
+    assert len(launches) == 3, launches  # (float32, 64 columns), (float32, 128), (float16, 64)
+    for w, n, null, k, got in zip(weights, norms, nulls, ks, masks):
+        assert_mask_equal(got, mask_oracle(w, n, null, k), w.shape[1])
+
+
 @pytest.mark.parametrize("largest", [True, False], ids=["largest", "smallest"])
 @pytest.mark.parametrize("backend", backends(OP, only=("triton",)))
 def test_triton_candidate_filter(backend, largest):

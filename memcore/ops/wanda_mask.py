@@ -288,7 +288,13 @@ def _each(impl):
     return grouped
 
 
-_backend.register("wanda_mask_grouped", reference=_each(_reference), triton=_each(_triton), native=_grouped_native,
+def _grouped_triton(weights, norms, null_norms, ks, largest):
+    from memcore._kernels.wanda_mask import wanda_mask_grouped_triton
+
+    return wanda_mask_grouped_triton(weights, norms, null_norms, ks, largest)  # the kernel sets the flag words
+
+
+_backend.register("wanda_mask_grouped", reference=_each(_reference), triton=_grouped_triton, native=_grouped_native,
                   native_op="wanda_mask")
 
 
@@ -321,8 +327,9 @@ def wanda_mask_grouped(
     null_norms[i], ks[i], largest) for i ...]``, bit for bit (``null_norms=None``: no null condition).
 
     Every layer is on one device and has the same T. On the CPU the C++ backend runs all layers'
-    rows in one parallel region (many small layers share the threads as one large one does); the
-    other backends loop over the layers for now (one launch per layer on CUDA and Triton). The op
+    rows in one parallel region (many small layers share the threads as one large one does); Triton
+    launches once for all the layers whose weights share a dtype and a row width (SD 1.5: three
+    launches); CUDA loops over the layers for now (one launch each). The op
     behind it is ``torch.ops.memcore.wanda_mask_grouped`` (an empty ``null_norms`` list there means
     none).
     """
