@@ -167,7 +167,7 @@ def _column_partials_kernel(
 ):
     """Program (p, q) writes the sums over its tiles (p, p + P, ...) of columns [q BLOCK_C, (q + 1)
     BLOCK_C) to ws[p, those columns]. With TOKEN_NORM each row is normalized: by its own norm when a
-    tile holds whole rows (WHOLE_ROWS: x is read exactly once), else with the (c, inv_s) that a first
+    tile holds whole rows (WHOLE_ROWS: x is read exactly once), else with the (c, w) that a first
     pass over the wide rows left in norm[0, i], norm[1, i]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -183,11 +183,11 @@ def _column_partials_kernel(
         x = upcast(tl.load(ptrs, mask=r_mask[:, None] & c_mask[None, :], other=0.0))
         if TOKEN_NORM:
             if WHOLE_ROWS:
-                c, inv_s = row_norm(x, r_mask)
+                c, w = row_norm(x, r_mask)
             else:
                 c = tl.load(norm_ptr + i, mask=r_mask, other=1.0)
-                inv_s = tl.load(norm_ptr + n + i, mask=r_mask, other=0.0)
-            sq = normalized_squares(x, c, inv_s)
+                w = tl.load(norm_ptr + n + i, mask=r_mask, other=0.0)
+            sq = normalized_squares(x, c, w)
         else:
             sq = x * x
         partial += tl.sum(sq, axis=0).to(tl.float64)
@@ -235,7 +235,7 @@ def column_partials(
 ) -> torch.Tensor:
     """The workspace of ``_column_partials_kernel`` for rows [row_start, row_end) of x2d (call inside
     the device guard). Rows of at most ``block_c`` columns are normalized by their own norm; wider ones
-    (token_norm) with the (c, inv_s) in ``norm`` from a first pass."""
+    (token_norm) with the (c, w) in ``norm`` from a first pass."""
     rows, cols = row_end - row_start, x2d.shape[1]
     chunks = triton.cdiv(cols, block_c)
     n_programs = max(1, programs(x2d.device, rows, block_r) // chunks)

@@ -126,8 +126,8 @@ def _geglu_tiles_kernel(
         x = _geglu_tile(p_ptr, out_ptr, rows, c_off, mask, inner, stride_p, IS_BF16, True)
         counted = r_mask & (rows >= row_start) & (rows < row_end)
         if TOKEN_NORM:
-            c, inv_s = row_norm(x, counted)
-            sq = normalized_squares(x, c, inv_s)
+            c, w = row_norm(x, counted)
+            sq = normalized_squares(x, c, w)
         else:
             sq = tl.where(counted[:, None], x * x, 0.0)
         partial += tl.sum(sq, axis=0).to(tl.float64)
@@ -150,7 +150,7 @@ def _geglu_rows_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Wide rows: X of every row in BLOCK_C chunks; with TOKEN_NORM, (c, inv_s) of row row_start + i
+    """Wide rows: X of every row in BLOCK_C chunks; with TOKEN_NORM, (c, w) of row row_start + i
     in norm[0, i], norm[1, i] (the statistic is then added from the stored X)."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -170,9 +170,9 @@ def _geglu_rows_kernel(
                 mbits, s = running_norm(mbits, s, x)
         if TOKEN_NORM:
             counted = r_mask & (rows >= row_start) & (rows < row_end)
-            c, inv_s = finish_norm(mbits, s, counted)
+            c, w = finish_norm(mbits, s, counted)
             tl.store(norm_ptr + rows - row_start, c, mask=counted)
-            tl.store(norm_ptr + n + rows - row_start, inv_s, mask=counted)
+            tl.store(norm_ptr + n + rows - row_start, w, mask=counted)
 
 
 def geglu_accumulate_triton(

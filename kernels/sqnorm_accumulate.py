@@ -73,7 +73,7 @@ def _sqnorm_row_norms_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """Wide rows, token_norm, first pass: (c, inv_s) of row row_start + i in norm[0, i], norm[1, i]."""
+    """Wide rows, token_norm, first pass: (c, w) of row row_start + i in norm[0, i], norm[1, i]."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     n = row_end - row_start
@@ -89,9 +89,9 @@ def _sqnorm_row_norms_kernel(
             cc = c0 + c_off
             x = tl.load(row_ptrs + cc[None, :], mask=r_mask[:, None] & (cc < cols)[None, :], other=0.0)
             mbits, s = running_norm(mbits, s, upcast(x))
-        c, inv_s = finish_norm(mbits, s, r_mask)
+        c, w = finish_norm(mbits, s, r_mask)
         tl.store(norm_ptr + i, c, mask=r_mask)
-        tl.store(norm_ptr + n + i, inv_s, mask=r_mask)
+        tl.store(norm_ptr + n + i, w, mask=r_mask)
 
 
 def sqnorm_accumulate_triton(
